@@ -1,0 +1,32 @@
+# Two entry points, each doing all set-up on a fresh machine:
+#   make bench   the main job: time and peak memory of the literal reference against norm_fast
+#   make test    the test suite
+# Both build .venv. Where a torch is already importable by python3 (a GPU machine with
+# torch and triton preinstalled), the venv sees it; otherwise the CPU build
+# torch==2.13.0 is installed (never an unpinned torch: that pulls a multi-GB CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+TRITON_PIN ?= triton==3.9.0
+
+.PHONY: venv test bench cuda-check clean
+
+$(VENV)/.ready: pyproject.toml setup.py
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_PIN)"
+	$(PY) -c "import pytest, pytest_benchmark, ninja" 2>/dev/null || $(PY) -m pip install -q pytest pytest-benchmark ninja numpy
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.ready
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info

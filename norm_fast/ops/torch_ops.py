@@ -1,0 +1,173 @@
+"""Pure-PyTorch implementations of the P-sized NORM ops (the ``"torch"`` kernel set).
+
+These functions are the contract every kernel backend (Triton, C++, CUDA) implements
+with the same signatures and semantics; `norm_fast/library.py` wraps them as
+differentiable `torch.library` custom ops.  All sizes below use
+
+    x : (B, C_s, L)   student positions (a view of f_s (B, C_s, H, W), any strides)
+    t : (B, C_t, L)   teacher positions
+    P = B * L         number of positions
+    a : (n*C_t, C_s)  per-position affine map of the expansion (segment i = rows i*C_t:(i+1)*C_t)
+    b : (n*C_t,)      its bias
+    shift : (C_s,) or None   subtracted from x before `a` is applied (the batch mean)
+
+The expanded error of segment i at position p is
+    E_i[:, p] = a_i @ (x[:, p] - shift) + b_i - t[:, p]          (C_t)
+and `expand_mse` returns  sum_i ||E_i||^2  over all positions (DESIGN.md section 4).
+
+Accumulation is in the *compute dtype*: float64 for float64 inputs, float32 otherwise.
+Memory: the direct form never holds more than `chunk_bytes` of expanded error at once
+(chunks of whole batch rows), so nothing of size n*C_t*P is allocated.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# Upper bound on the expanded-error chunk held at once by the direct path (bytes).
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _batch_chunks(B: int, row_elems: int, itemsize: int, chunk_bytes: int):
+    """Yield (b0, b1) ranges of batch rows whose error block fits in `chunk_bytes`."""
+    per_row = max(1, row_elems * itemsize)
+    step = max(1, min(B, chunk_bytes // per_row))
+    for b0 in range(0, B, step):
+        yield b0, min(B, b0 + step)
+
+
+def _centred(x: Tensor, shift: Optional[Tensor], cdt: torch.dtype) -> Tensor:
+    x = x.to(cdt)
+    return x if shift is None else x - shift.to(cdt)[None, :, None]
+
+
+def _segment_error(xc: Tensor, t: Tensor, a: Tensor, b: Tensor, n: int) -> Tensor:
+    """E for a chunk: xc (nb, C_s, L) -> (nb, n, C_t, L)."""
+    nb, _, L = xc.shape
+    C_t = t.shape[1]
+    e = torch.matmul(a, xc) + b[None, :, None]  # (nb, n*C_t, L)
+    e = e.view(nb, n, C_t, L)
+    return e - t.to(e.dtype)[:, None]
+
+
+def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean (C,) and biased covariance (C, C) of x (B, C, L) over its B*L positions.
+
+    Two passes (mean, then the centred product), so the covariance does not cancel when
+    the mean is large against the spread (post-ReLU features; DESIGN.md section 3).
+    """
+    cdt = compute_dtype(x.dtype)
+    B, C, L = x.shape
+    P = B * L
+    xf = x.to(cdt)
+    mean = xf.sum(dim=(0, 2)) / P
+    xc = xf - mean[None, :, None]
+    cov = torch.tensordot(xc, xc, dims=([0, 2], [0, 2])) / P
+    return mean, cov
+
+
+def moments_backward(x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
+                     grad_cov: Optional[Tensor]) -> Tensor:
+    """dL/dx for (mean, cov) = moments(x); returned in x's dtype.
+
+    cov = Xc Xc^T / P, so dX = (G + G^T) Xc / P + g_mean / P   (the dependence through
+    the mean in Xc contributes (G + G^T) Xc 1 / P = 0, since Xc sums to zero).
+    """
+    B, C, L = x.shape
+    P = B * L
+    cdt = mean.dtype
+    dx = torch.zeros((B, C, L), dtype=cdt, device=x.device)
+    if grad_cov is not None:
+        g = (grad_cov + grad_cov.transpose(0, 1)).to(cdt)
+        dx = torch.matmul(g, x.to(cdt) - mean[None, :, None])
+    if grad_mean is not None:
+        dx = dx + grad_mean.to(cdt)[None, :, None]
+    return (dx / P).to(x.dtype)
+
+
+def expand_mse_forward(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor],
+                       n: int, store_error: bool,
+                       chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tuple[Tensor, Tensor]:
+    """sum_i ||a_i (x - shift) + b_i - t||^2 over all positions.
+
+    Returns (sq, err): sq is a 0-dim tensor in the compute dtype; err is the error
+    (B, C_t, L) in the compute dtype when `store_error` (only allowed for n == 1: the
+    decomposed algorithm's one residual), else an empty tensor.
+    """
+    cdt = compute_dtype(x.dtype)
+    B, C_s, L = x.shape
+    C_t = t.shape[1]
+    a = a.to(cdt)
+    b = b.to(cdt)
+    if store_error:
+        if n != 1:
+            raise ValueError(f"store_error needs n == 1 (one residual), got n={n}")
+        e = _segment_error(_centred(x, shift, cdt), t, a, b, 1).view(B, C_t, L)
+        return e.square().sum(), e
+    sq = torch.zeros((), dtype=cdt, device=x.device)
+    itemsize = torch.finfo(cdt).bits // 8
+    for b0, b1 in _batch_chunks(B, n * C_t * L, itemsize, chunk_bytes):
+        e = _segment_error(_centred(x[b0:b1], shift, cdt), t[b0:b1], a, b, n)
+        sq = sq + e.square().sum()
+    return sq, x.new_empty((0,), dtype=cdt)
+
+
+def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
+                        shift: Optional[Tensor], n: int, err: Optional[Tensor],
+                        grad_mask: List[bool],
+                        chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tuple[Tensor, ...]:
+    """Gradients of g * expand_mse_forward(...)[0], with g = `grad` (0-dim).
+
+    grad_mask = [x, t, a, b, shift]: which gradients are wanted. Returns
+    (dx, dt, da, db, dshift); an unwanted one is an empty tensor. dx and dt come in the
+    dtypes of x and t, da/db/dshift in the compute dtype. With E the error:
+        da = 2g sum_p E[:, p] xc[:, p]^T      db = 2g sum_p E[:, p]
+        dx = 2g a^T E                         dt = -2g sum_i E_i      dshift = -sum_p dx
+    `err` is the stored error (n == 1) or None: then E is recomputed chunk by chunk.
+    """
+    want_x, want_t, want_a, want_b, want_s = grad_mask
+    want_s = want_s and shift is not None
+    cdt = compute_dtype(x.dtype)
+    B, C_s, L = x.shape
+    C_t = t.shape[1]
+    a = a.to(cdt)
+    b = b.to(cdt)
+    g2 = 2 * grad.to(cdt)
+    dx = torch.empty((B, C_s, L), dtype=cdt, device=x.device) if (want_x or want_s) else None
+    dt = torch.empty((B, C_t, L), dtype=cdt, device=x.device) if want_t else None
+    da = torch.zeros_like(a) if want_a else None
+    db = torch.zeros_like(b) if want_b else None
+    itemsize = torch.finfo(cdt).bits // 8
+    chunks = [(0, B)] if err is not None else _batch_chunks(B, n * C_t * L, itemsize, chunk_bytes)
+    for b0, b1 in chunks:
+        xc = _centred(x[b0:b1], shift, cdt)
+        if err is not None:
+            e = err.view(B, 1, C_t, L)
+        else:
+            e = _segment_error(xc, t[b0:b1], a, b, n)  # (nb, n, C_t, L)
+        nb = b1 - b0
+        ef = e.reshape(nb, n * C_t, L)
+        if da is not None:
+            da += torch.tensordot(ef, xc, dims=([0, 2], [0, 2]))
+        if db is not None:
+            db += ef.sum(dim=(0, 2))
+        if dx is not None:
+            dx[b0:b1] = torch.matmul(a.transpose(0, 1), ef)
+        if dt is not None:
+            dt[b0:b1] = -e.sum(dim=1)
+    empty = x.new_empty((0,), dtype=cdt)
+    dshift = -(dx.sum(dim=(0, 2)) * g2) if want_s else empty
+    return (
+        (dx * g2).to(x.dtype) if want_x else empty,
+        (dt * g2).to(t.dtype) if want_t else empty,
+        da * g2 if want_a else empty,
+        db * g2 if want_b else empty,
+        dshift,
+    )
