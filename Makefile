@@ -30,3 +30,8 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Compile every CUDA source with nvcc alone (sm_80, sm_90), no GPU needed; prints
+# registers and shared memory per kernel.
+cuda-check:
+	bash csrc/cuda_check.sh
