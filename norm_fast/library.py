@@ -1,0 +1,129 @@
+"""The P-sized NORM kernels as differentiable `torch.library` custom ops.
+
+Registering them as custom ops (schema, fake implementation, autograd formula) makes
+them opaque-but-known to `torch.compile` (no graph break) and lets the backward itself be
+a custom op. Each op takes the concrete backend name and forwards to that backend's
+kernel module (`dispatch.kernels`), so every backend shares one autograd formula.
+
+    moments(x, backend)            -> (mean (C,), cov (C, C))                   DESIGN.md s.3
+    expand_mse(x, t, a, b, shift, n, store_error, backend)
+                                   -> (sum_i ||a_i (x - shift) + b_i - t||^2, error or empty)
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .ops.torch_ops import compute_dtype
+
+
+# --- moments ----------------------------------------------------------------------------
+@torch.library.custom_op("norm_fast::moments", mutates_args=())
+def moments(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """x (B, C, L) -> mean (C,), biased covariance (C, C), in the compute dtype."""
+    mean, cov = dispatch.kernels(backend).moments(x)
+    return mean, cov
+
+
+@moments.register_fake
+def _moments_fake(x, backend):
+    C = x.shape[1]
+    cdt = compute_dtype(x.dtype)
+    return x.new_empty((C,), dtype=cdt), x.new_empty((C, C), dtype=cdt)
+
+
+@torch.library.custom_op("norm_fast::moments_backward", mutates_args=())
+def moments_backward(x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
+                     grad_cov: Optional[Tensor], backend: str) -> Tensor:
+    return dispatch.kernels(backend).moments_backward(x, mean, grad_mean, grad_cov)
+
+
+@moments_backward.register_fake
+def _moments_backward_fake(x, mean, grad_mean, grad_cov, backend):
+    return torch.empty_like(x)
+
+
+def _moments_setup(ctx, inputs, output):
+    x, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(x, output[0])
+
+
+def _moments_bwd(ctx, grad_mean, grad_cov):
+    x, mean = ctx.saved_tensors
+    return moments_backward(x, mean, grad_mean, grad_cov, ctx.backend), None
+
+
+moments.register_autograd(_moments_bwd, setup_context=_moments_setup)
+
+
+# --- expand + N-segment squared error ------------------------------------------------------
+@torch.library.custom_op("norm_fast::expand_mse", mutates_args=())
+def expand_mse(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor], n: int,
+               store_error: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """Sum over the n segments of ||a_i (x - shift) + b_i - t||^2 (0-dim, compute dtype).
+
+    x (B, C_s, L), t (B, C_t, L), a (n*C_t, C_s), b (n*C_t,), shift (C_s,) or None.
+    With store_error (n == 1) also returns the error (B, C_t, L); else an empty tensor.
+    """
+    sq, err = dispatch.kernels(backend).expand_mse_forward(x, t, a, b, shift, n, store_error)
+    return sq, err
+
+
+@expand_mse.register_fake
+def _expand_mse_fake(x, t, a, b, shift, n, store_error, backend):
+    cdt = compute_dtype(x.dtype)
+    err_shape = t.shape if store_error else (0,)
+    return x.new_empty((), dtype=cdt), x.new_empty(err_shape, dtype=cdt)
+
+
+@torch.library.custom_op("norm_fast::expand_mse_backward", mutates_args=())
+def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
+                        shift: Optional[Tensor], n: int, err: Optional[Tensor],
+                        grad_mask: List[bool], backend: str
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = dispatch.kernels(backend).expand_mse_backward(grad, x, t, a, b, shift, n, err,
+                                                        list(grad_mask))
+    # Custom-op outputs may not alias each other: give each unwanted gradient its own
+    # empty tensor (kernel sets may share one).
+    return tuple(g if g.numel() else g.new_empty((0,)) for g in out)
+
+
+@expand_mse_backward.register_fake
+def _expand_mse_backward_fake(grad, x, t, a, b, shift, n, err, grad_mask, backend):
+    cdt = compute_dtype(x.dtype)
+    want_x, want_t, want_a, want_b, want_s = grad_mask
+    empty = x.new_empty((0,), dtype=cdt)
+    return (
+        torch.empty_like(x) if want_x else empty,
+        torch.empty_like(t) if want_t else empty,
+        a.new_empty(a.shape, dtype=cdt) if want_a else empty,
+        b.new_empty(b.shape, dtype=cdt) if want_b else empty,
+        x.new_empty((x.shape[1],), dtype=cdt) if (want_s and shift is not None) else empty,
+    )
+
+
+def _expand_mse_setup(ctx, inputs, output):
+    x, t, a, b, shift, n, store_error, backend = inputs
+    ctx.n, ctx.backend, ctx.has_shift = n, backend, shift is not None
+    ctx.save_for_backward(x, t, a, b, shift, output[1] if store_error else None)
+    ctx.mark_non_differentiable(output[1])  # the stored error is a by-product, not a result
+
+
+def _expand_mse_bwd(ctx, grad_sq, grad_err):
+    x, t, a, b, shift, err = ctx.saved_tensors
+    need = list(ctx.needs_input_grad[:5])
+    if not any(need):
+        return (None,) * 8
+    dx, dt, da, db, dshift = expand_mse_backward(grad_sq, x, t, a, b, shift, ctx.n, err, need,
+                                                 ctx.backend)
+    grads = [g if want else None for g, want in zip((dx, dt, da, db, dshift), need)]
+    if not ctx.has_shift:
+        grads[4] = None
+    return (*grads, None, None, None)
+
+
+expand_mse.register_autograd(_expand_mse_bwd, setup_context=_expand_mse_setup)

@@ -1,0 +1,185 @@
+"""`NORM`: the Feature Transform and the N-to-One matching loss as one nn.Module."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import _checks, algebra, dispatch, library
+from .ops.torch_ops import compute_dtype
+from .reference import reference_forward
+
+
+class NORM(nn.Module):
+    r"""N-to-One Representation Matching (Feature Transform + N-segment MSE).
+
+    Args:
+        student_channels: C_s, channels of the student's last feature map.
+        teacher_channels: C_t, channels of the teacher's feature map.
+        n: N, the number of teacher-sized segments the FT expands to (default 8).
+        batchnorm: BatchNorm after each 1x1 conv (the reference FT); False gives the
+            paper's "two linear layers".
+        residual: add f_s to the FT output (identity residual).
+        segment_reduction: "sum" (the reference code: sum over segments of each segment's
+            MSE) or "mean" (the paper's 1/N form).
+        detach_teacher: stop the loss's gradient at f_t (the reference behaviour).
+        backend: "auto", "torch" (the literal reference), "triton", "cpp", "cuda".
+        algorithm: "auto", "direct" or "decomposed" (see `norm_fast.dispatch`).
+
+    Submodules `expand`, `expand_bn`, `contract`, `contract_bn` hold the same parameters
+    and buffers, under the same names, as a literal implementation (DESIGN.md s.1), so
+    state dicts load both ways with strict=True.
+
+    forward(f_s (B, C_s, H, W), f_t (B, C_t, H, W) or None) -> (features, loss):
+        features (B, C_s, H, W), the FT output for the student's pooling + classifier;
+        loss, 0-dim, `mse_loss(Y, f_t.repeat(1, n, 1, 1)) * n` ("sum") or that / n
+        ("mean"), float32 for 16-bit inputs; None when f_t is None.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int, n: int = 8, *,
+                 batchnorm: bool = True, residual: bool = True, segment_reduction: str = "sum",
+                 detach_teacher: bool = True, backend: str = "auto", algorithm: str = "auto"):
+        super().__init__()
+        self.student_channels = _checks.check_channels("student_channels", student_channels)
+        self.teacher_channels = _checks.check_channels("teacher_channels", teacher_channels)
+        self.n = _checks.check_n(n)
+        self.batchnorm = bool(batchnorm)
+        self.residual = bool(residual)
+        self.segment_reduction = _checks.check_reduction(segment_reduction)
+        self.detach_teacher = bool(detach_teacher)
+        self.backend = dispatch.check_backend(backend)
+        self.algorithm = dispatch.check_algorithm(algorithm)
+        expanded = self.n * self.teacher_channels
+        self.expand = nn.Conv2d(student_channels, expanded, 1, bias=False)
+        self.expand_bn = nn.BatchNorm2d(expanded) if batchnorm else nn.Identity()
+        self.contract = nn.Conv2d(expanded, student_channels, 1, bias=False)
+        self.contract_bn = nn.BatchNorm2d(student_channels) if batchnorm else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference initialisation: Kaiming normal (fan_out, relu); BN weight 1, bias 0."""
+        for conv in (self.expand, self.contract):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        for bn in (self.expand_bn, self.contract_bn):
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (f"student_channels={self.student_channels}, teacher_channels="
+                f"{self.teacher_channels}, n={self.n}, batchnorm={self.batchnorm}, residual="
+                f"{self.residual}, segment_reduction={self.segment_reduction!r}, "
+                f"backend={self.backend!r}, algorithm={self.algorithm!r}")
+
+    # -------------------------------------------------------------------------------------
+    def resolve(self, f_s: Tensor) -> Tuple[str, str]:
+        """The (backend, algorithm) this module would run for `f_s`."""
+        B, C_s, H, W = f_s.shape
+        return dispatch.resolve(self.backend, self.algorithm, f_s.device.type, B, C_s,
+                                self.teacher_channels, H, W, self.n)
+
+    def forward(self, f_s: Tensor, f_t: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+        _checks.check_feature_map("f_s", f_s, self.student_channels)
+        _checks.check_param_compat(f_s, self.expand.weight, "NORM")
+        if f_t is not None:
+            _checks.check_feature_map("f_t", f_t, self.teacher_channels)
+            _checks.check_pair(f_s, f_t)
+        if self.training and self.batchnorm and f_s.shape[0] * f_s.shape[2] * f_s.shape[3] == 1:
+            raise ValueError("BatchNorm in training mode needs more than 1 value per channel, "
+                             f"got f_s of shape {tuple(f_s.shape)}")
+        backend, algorithm = self.resolve(f_s)
+        if backend == "torch" and algorithm == "direct":
+            return reference_forward(self, f_s, f_t)
+        return self._fast_forward(f_s, f_t, backend, algorithm)
+
+    def _fast_forward(self, f_s: Tensor, f_t: Optional[Tensor], backend: str, algorithm: str):
+        dev = f_s.device.type
+        out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else f_s.dtype
+        with torch.autocast(dev, enabled=False):
+            features, loss = self._fast_ft(f_s, f_t, backend, algorithm)
+        return features.to(out_dtype), loss
+
+    def _fast_ft(self, f_s: Tensor, f_t: Optional[Tensor], backend: str, algorithm: str):
+        """FT and loss from the moments of f_s (DESIGN.md s.3-4); nothing of size N*C_t*P.
+
+        Y = A (X - xbar) + b  (A = diag(a1) W1; without a batch mean, X is not centred)
+        features = M X + m    (one C_s x C_s map: contraction, BN and residual folded)
+        """
+        n, C_t, C_s = self.n, self.teacher_channels, self.student_channels
+        B, _, H, W = f_s.shape
+        P = B * H * W
+        x = f_s.flatten(2)                                       # (B, C_s, L), a view if it can be
+        cdt = compute_dtype(f_s.dtype)
+        W1 = self.expand.weight.reshape(n * C_t, C_s).to(cdt)
+        W2 = self.contract.weight.reshape(C_s, n * C_t).to(cdt)
+        bn1 = self.expand_bn if self.batchnorm else None
+        bn2 = self.contract_bn if self.batchnorm else None
+        st1, st2 = algebra.bn_state(bn1, self.training), algebra.bn_state(bn2, self.training)
+        decomposed = algorithm == "decomposed" and f_t is not None
+        need_cov = decomposed or (st1 is not None and (st1.batch_stats or st2.batch_stats))
+        xbar = S = W1S = None
+        if need_cov:
+            xbar, S = library.moments(x, backend)
+            W1S = W1 @ S          # the one large product, formed once (DESIGN.md s.5)
+
+        # Expansion: Y = A (X - xbar) + b, or A X + b when xbar is None.
+        a1 = None
+        if bn1 is None:
+            A = W1
+            b = W1 @ xbar if xbar is not None else W1.new_zeros(n * C_t)
+        else:
+            gamma1, beta1 = algebra.bn_affine(bn1, cdt)
+            if st1.batch_stats:
+                var1 = (W1S * W1).sum(1)                         # diag(W1 S W1^T), biased
+                a1 = gamma1 * torch.rsqrt(var1 + bn1.eps)
+                b = beta1
+                if st1.update:
+                    algebra.update_running(bn1, st1, W1 @ xbar, var1, P)
+            else:
+                a1 = gamma1 * torch.rsqrt(bn1.running_var.to(cdt) + bn1.eps)
+                shifted = (W1 @ xbar if xbar is not None else 0) - bn1.running_mean.to(cdt)
+                b = beta1 + a1 * shifted
+            A = a1[:, None] * W1
+
+        # Contraction + BN + residual: features = (M + I) X + m  (DESIGN.md s.3).
+        K = W2 @ A                                               # C_s x C_s
+        if bn2 is None:
+            M, m = K, W2 @ b
+        else:
+            gamma2, beta2 = algebra.bn_affine(bn2, cdt)
+            if st2.batch_stats:
+                mean2 = W2 @ b
+                var2 = ((K @ S) * K).sum(1)
+                a2 = gamma2 * torch.rsqrt(var2 + bn2.eps)
+                m = beta2
+                if st2.update:
+                    algebra.update_running(bn2, st2, mean2, var2, P)
+            else:
+                a2 = gamma2 * torch.rsqrt(bn2.running_var.to(cdt) + bn2.eps)
+                m = beta2 + a2 * (W2 @ b - bn2.running_mean.to(cdt))
+            M = a2[:, None] * K
+        if xbar is not None:
+            m = m - M @ xbar                                     # uncentre: M (X - xbar) + m
+        if self.residual:
+            M = M + torch.eye(C_s, dtype=cdt, device=M.device)
+        features = F.conv2d(f_s, M.to(f_s.dtype)[:, :, None, None], m.to(f_s.dtype))
+
+        if f_t is None:
+            return features, None
+        t = (f_t.detach() if self.detach_teacher else f_t).flatten(2)
+        AS = None
+        if decomposed:
+            AS = W1S if a1 is None else a1[:, None] * W1S
+        sq = algebra.segment_sq_sum(x, t, A, b, xbar, S, AS, n, algorithm, backend)
+        loss = sq / (C_t * P)
+        if self.segment_reduction == "mean":
+            loss = loss / n
+        return features, loss
+
+    # -------------------------------------------------------------------------------------
+    def merge_into(self, fc: nn.Linear) -> nn.Linear:
+        """A new classifier equal, in eval mode, to `fc` applied after the FT (DESIGN.md s.2)."""
+        from .merge import merge_into
+        return merge_into(self, fc)
