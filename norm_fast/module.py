@@ -105,7 +105,7 @@ class NORM(nn.Module):
         """FT and loss from the moments of f_s (DESIGN.md s.3-4); nothing of size N*C_t*P.
 
         Y = A (X - xbar) + b  (A = diag(a1) W1; without a batch mean, X is not centred)
-        features = M X + m    (one C_s x C_s map: contraction, BN and residual folded)
+        features = M X + m (+ X)  (one C_s x C_s map: contraction and BN folded)
         """
         n, C_t, C_s = self.n, self.teacher_channels, self.student_channels
         B, _, H, W = f_s.shape
@@ -162,9 +162,11 @@ class NORM(nn.Module):
             M = a2[:, None] * K
         if xbar is not None:
             m = m - M @ xbar                                     # uncentre: M (X - xbar) + m
-        if self.residual:
-            M = M + torch.eye(C_s, dtype=cdt, device=M.device)
         features = F.conv2d(f_s, M.to(f_s.dtype)[:, :, None, None], m.to(f_s.dtype))
+        if self.residual:
+            # Added apart rather than folded into M as I + M: in float32 the identity would
+            # round away the low bits of M (its entries are small against 1).
+            features = features + f_s
 
         if f_t is None:
             return features, None

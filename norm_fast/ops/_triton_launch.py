@@ -1,0 +1,135 @@
+"""Shared launch utilities of the Triton kernel set.
+
+One kernel source serves two devices:
+
+* CUDA tensors: the ``@triton.jit`` kernel is compiled and launched as usual.
+* CPU tensors: the same Python function runs under Triton's interpreter
+  (``triton.runtime.interpreter.InterpretedFunction``), built on first use and cached,
+  so nothing depends on ``TRITON_INTERPRET=1`` being set before ``import triton``.
+
+The interpreter only rewrites the launched kernel itself; library functions of
+``triton.language`` that are written as ``@triton.jit`` code (``tl.sum``, ``tl.zeros``...)
+stay ``JITFunction`` objects when the environment variable was unset at import time, and
+calling one outside a compiled kernel raises. `_interpreted_launch` therefore interprets
+such nested calls too, for the duration of one launch (what ``TRITON_INTERPRET=1`` does
+at decoration time). Our own kernels call no ``@triton.jit`` helpers of their own.
+The same context also papers over one Triton 3.6 interpreter incompatibility with
+NumPy >= 2.4 (see `_interpreter_patches`).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Dict, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime import interpreter as _interp_mod
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+# The interpreter keeps global builder state: one interpreted launch at a time.
+_INTERPRETER_LOCK = threading.RLock()
+_INTERPRETED: Dict[Callable, InterpretedFunction] = {}
+
+
+def _interpreted(fn: Callable) -> InterpretedFunction:
+    """The cached interpreter wrapper of the plain Python function `fn`."""
+    f = _INTERPRETED.get(fn)
+    if f is None:
+        f = _INTERPRETED[fn] = InterpretedFunction(fn)
+    return f
+
+
+@contextlib.contextmanager
+def _interpreter_patches():
+    """Within the block, interpreted kernels can call library JITFunctions and loop.
+
+    1. Calling any JITFunction runs it under the interpreter. Outside a kernel
+       ``JITFunction.__call__`` only raises, and compiled launches never call it (code
+       generation walks the AST), so replacing it for the duration of an interpreted
+       launch cannot change a compiled kernel running beside it.
+    2. Scalar kernel arguments are 1-element numpy arrays in the interpreter, and
+       ``range(n)`` calls their ``__index__``. Triton 3.6 implements it as
+       ``int(array)``, which NumPy >= 2.4 rejects for 1-d arrays; Triton 3.9 squeezes
+       first. The interpreter's per-launch tensor patch is wrapped to install the 3.9
+       form on every version (its scope restores both at the end of the launch).
+    """
+    original_call = JITFunction.__call__
+    original_patch = getattr(_interp_mod, "_patch_lang_tensor", None)
+
+    def call(self, *args, **kwargs):
+        return _interpreted(self.fn)(*args, **kwargs)
+
+    def patch_lang_tensor(tensor, scope, *rest, **kw):
+        original_patch(tensor, scope, *rest, **kw)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    JITFunction.__call__ = call
+    if original_patch is not None:
+        _interp_mod._patch_lang_tensor = patch_lang_tensor
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original_call
+        if original_patch is not None:
+            _interp_mod._patch_lang_tensor = original_patch
+
+
+def uses_interpreter(t: torch.Tensor) -> bool:
+    """True when kernels on `t` run under the interpreter (any non-CUDA tensor)."""
+    return t.device.type != "cuda"
+
+
+def launch(kernel: JITFunction, grid: Tuple[int, ...], args: Sequence[Any],
+           constexprs: Dict[str, Any], device: torch.device, num_warps: int = 4,
+           num_stages: int = 2) -> None:
+    """Launch `kernel` on `grid` with positional `args` and constexpr keywords.
+
+    CUDA: compiled launch (num_warps/num_stages apply). Anything else: interpreted,
+    program by program, on the host copies of the tensors.
+    """
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
+    with _INTERPRETER_LOCK, _interpreter_patches():
+        _interpreted(kernel.fn)[grid](*args, **constexprs)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2_block(n: int, lo: int, hi: int) -> int:
+    """The power of two covering n, clamped to [lo, hi] (lo >= 16: tl.dot's minimum)."""
+    return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The triton.language dtype of a torch floating dtype."""
+    return {
+        torch.float64: tl.float64,
+        torch.float32: tl.float32,
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+    }[dtype]
+
+
+def dot_dtypes(in_dtype: torch.dtype, interpreted: bool):
+    """(operand rounding dtype, tl.dot operand dtype, input_precision) for `in_dtype`.
+
+    float64 and float32 multiply exactly in their own dtype (``"ieee"``: no TF32, like
+    torch's default matmul). float16/bfloat16 inputs round the tile operands to the input
+    dtype and accumulate in float32 (tensor cores on GPU). The interpreter's ``tl.dot``
+    misreads bfloat16 operands (it multiplies their raw 16-bit patterns), so there the
+    operands are rounded to the input dtype and multiplied as float32: the same products.
+    """
+    if in_dtype in (torch.float64, torch.float32):
+        t = tl_dtype(in_dtype)
+        return t, t, "ieee"
+    rnd = tl_dtype(in_dtype)
+    if interpreted and in_dtype == torch.bfloat16:
+        return rnd, tl.float32, "ieee"
+    return rnd, rnd, "tf32"  # precision only concerns float32 operands; default value
