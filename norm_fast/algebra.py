@@ -40,8 +40,11 @@ def bn_state(bn: Optional[nn.Module], training: bool) -> Optional[BNState]:
     return BNState(batch_stats, update, factor)
 
 
-def update_running(bn: nn.Module, state: BNState, mean: Tensor, var_biased: Tensor, P: int):
-    """running <- (1 - f) running + f stat, with the unbiased variance (nn.BatchNorm2d)."""
+def update_running(bn: nn.Module, state: BNState, mean: Tensor, var_biased: Tensor, P):
+    """running <- (1 - f) running + f stat, with the unbiased variance (nn.BatchNorm2d).
+
+    P, the number of positions the statistics cover, is an int or a 0-dim tensor (the
+    global count under synchronised BatchNorm)."""
     with torch.no_grad():
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
@@ -63,16 +66,20 @@ def bn_affine(bn: nn.Module, dtype: torch.dtype):
 
 
 def segment_sq_sum(x: Tensor, t: Tensor, A: Tensor, b: Tensor, xbar: Optional[Tensor],
-                   S: Optional[Tensor], AS: Optional[Tensor], n: int, algorithm: str,
-                   backend: str) -> Tensor:
-    """sum_i ||A_i (X - xbar) + b_i - T||^2 over all P positions.
+                   AS: Optional[Tensor], n: int, algorithm: str, backend: str,
+                   delta: Optional[Tensor] = None) -> Tensor:
+    """sum_i ||A_i (X - xbar) + b_i - T||^2 over the P positions of x.
 
     x (B, C_s, L), t (B, C_t, L); A (n*C_t, C_s); b (n*C_t,); xbar (C_s,) or None (then X
-    is not centred). "decomposed" needs xbar, the covariance S (C_s, C_s) and AS = A S.
+    is not centred). "decomposed" needs xbar and AS = A S_x (n*C_t, C_s), S_x the biased
+    covariance of x's own positions; when xbar is a mean over more positions than x's
+    (synchronised BatchNorm), delta = mean(x) - xbar, else None.
 
     decomposed (DESIGN.md s.4): with D_i = A_i - Abar, d_i = b_i - bbar,
-        total = P * (sum_i <D_i S, D_i> + sum_i ||d_i||^2) + n * ||Abar Xc + bbar - T||^2.
-    The spread is summed elementwise over (A_i S - Abar S) o (A_i - Abar): never as
+        total = P * (sum_i <D_i S_x, D_i> + sum_i ||D_i delta + d_i||^2)
+                + n * ||Abar (X - xbar) + bbar - T||^2
+    (the cross terms vanish because the D_i and d_i sum to zero over i). The spread is
+    summed elementwise over (A_i S - Abar S) o (A_i - Abar): never as
     <A S, A> - n <Abar S, Abar>, whose two totals cancel near convergence (s.5).
     """
     if algorithm == "direct":
@@ -83,6 +90,9 @@ def segment_sq_sum(x: Tensor, t: Tensor, A: Tensor, b: Tensor, xbar: Optional[Te
     P = B * L
     A3, AS3, b2 = A.view(n, C_t, C_s), AS.view(n, C_t, C_s), b.view(n, C_t)
     Abar, bbar = A3.mean(0), b2.mean(0)
-    spread = ((AS3 - AS3.mean(0)) * (A3 - Abar)).sum() + (b2 - bbar).square().sum()
+    d = b2 - bbar
+    if delta is not None:
+        d = d + (A3 - Abar) @ delta
+    spread = ((AS3 - AS3.mean(0)) * (A3 - Abar)).sum() + d.square().sum()
     resid, _ = library.expand_mse(x, t, Abar, bbar, xbar, 1, True, backend)
     return P * spread + n * resid

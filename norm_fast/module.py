@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, algebra, dispatch, library
+from . import _checks, algebra, dispatch, distributed, library
 from .ops.torch_ops import compute_dtype
 from .reference import reference_forward
 
@@ -27,6 +27,10 @@ class NORM(nn.Module):
         detach_teacher: stop the loss's gradient at f_t (the reference behaviour).
         backend: "auto", "torch" (the literal reference), "triton", "cpp", "cuda".
         algorithm: "auto", "direct" or "decomposed" (see `norm_fast.dispatch`).
+        sync_batchnorm: in training under torch.distributed, normalise with the statistics
+            of the global batch (all-reducing the mean and covariance of f_s over
+            `process_group`, default the world), as nn.SyncBatchNorm would. The same
+            happens when `expand_bn` is an nn.SyncBatchNorm (convert_sync_batchnorm).
 
     Submodules `expand`, `expand_bn`, `contract`, `contract_bn` hold the same parameters
     and buffers, under the same names, as a literal implementation (DESIGN.md s.1), so
@@ -40,7 +44,8 @@ class NORM(nn.Module):
 
     def __init__(self, student_channels: int, teacher_channels: int, n: int = 8, *,
                  batchnorm: bool = True, residual: bool = True, segment_reduction: str = "sum",
-                 detach_teacher: bool = True, backend: str = "auto", algorithm: str = "auto"):
+                 detach_teacher: bool = True, backend: str = "auto", algorithm: str = "auto",
+                 sync_batchnorm: bool = False, process_group=None):
         super().__init__()
         self.student_channels = _checks.check_channels("student_channels", student_channels)
         self.teacher_channels = _checks.check_channels("teacher_channels", teacher_channels)
@@ -51,11 +56,16 @@ class NORM(nn.Module):
         self.detach_teacher = bool(detach_teacher)
         self.backend = dispatch.check_backend(backend)
         self.algorithm = dispatch.check_algorithm(algorithm)
+        self.sync_batchnorm = bool(sync_batchnorm)
+        self.process_group = process_group
         expanded = self.n * self.teacher_channels
         self.expand = nn.Conv2d(student_channels, expanded, 1, bias=False)
         self.expand_bn = nn.BatchNorm2d(expanded) if batchnorm else nn.Identity()
         self.contract = nn.Conv2d(expanded, student_channels, 1, bias=False)
         self.contract_bn = nn.BatchNorm2d(student_channels) if batchnorm else nn.Identity()
+        self.last_loss: Optional[Tensor] = None
+        self._teacher: Optional[Tensor] = None
+        self._hook_handle = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -90,18 +100,35 @@ class NORM(nn.Module):
             raise ValueError("BatchNorm in training mode needs more than 1 value per channel, "
                              f"got f_s of shape {tuple(f_s.shape)}")
         backend, algorithm = self.resolve(f_s)
-        if backend == "torch" and algorithm == "direct":
+        sync = self._sync_group()
+        if backend == "torch" and algorithm == "direct" and sync is None:
             return reference_forward(self, f_s, f_t)
-        return self._fast_forward(f_s, f_t, backend, algorithm)
+        # (Synchronised statistics take the moments route even for the literal choice:
+        # nn.SyncBatchNorm itself cannot run on CPU tensors.)
+        return self._fast_forward(f_s, f_t, backend, algorithm, sync)
 
-    def _fast_forward(self, f_s: Tensor, f_t: Optional[Tensor], backend: str, algorithm: str):
+    def _sync_group(self):
+        """None, or a 1-tuple holding the process group whose global batch sets the stats."""
+        if not (self.training and self.batchnorm):
+            return None
+        bn = self.expand_bn
+        if not (self.sync_batchnorm or isinstance(bn, nn.SyncBatchNorm)):
+            return None
+        group = distributed.group_of(bn, self.process_group)
+        if distributed.sync_world_size(group) <= 1:
+            return None
+        return (group,)
+
+    def _fast_forward(self, f_s: Tensor, f_t: Optional[Tensor], backend: str, algorithm: str,
+                      sync=None):
         dev = f_s.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else f_s.dtype
         with torch.autocast(dev, enabled=False):
-            features, loss = self._fast_ft(f_s, f_t, backend, algorithm)
+            features, loss = self._fast_ft(f_s, f_t, backend, algorithm, sync)
         return features.to(out_dtype), loss
 
-    def _fast_ft(self, f_s: Tensor, f_t: Optional[Tensor], backend: str, algorithm: str):
+    def _fast_ft(self, f_s: Tensor, f_t: Optional[Tensor], backend: str, algorithm: str,
+                 sync=None):
         """FT and loss from the moments of f_s (DESIGN.md s.3-4); nothing of size N*C_t*P.
 
         Y = A (X - xbar) + b  (A = diag(a1) W1; without a batch mean, X is not centred)
@@ -119,9 +146,15 @@ class NORM(nn.Module):
         st1, st2 = algebra.bn_state(bn1, self.training), algebra.bn_state(bn2, self.training)
         decomposed = algorithm == "decomposed" and f_t is not None
         need_cov = decomposed or (st1 is not None and (st1.batch_stats or st2.batch_stats))
-        xbar = S = W1S = None
+        xbar = S = W1S = delta = S_local = None
+        count = P
         if need_cov:
             xbar, S = library.moments(x, backend)
+            S_local = S
+            if sync is not None:
+                local_mean = xbar
+                xbar, S, count = distributed.global_moments(xbar, S, P, sync[0])
+                delta = local_mean - xbar
             W1S = W1 @ S          # the one large product, formed once (DESIGN.md s.5)
 
         # Expansion: Y = A (X - xbar) + b, or A X + b when xbar is None.
@@ -136,7 +169,7 @@ class NORM(nn.Module):
                 a1 = gamma1 * torch.rsqrt(var1 + bn1.eps)
                 b = beta1
                 if st1.update:
-                    algebra.update_running(bn1, st1, W1 @ xbar, var1, P)
+                    algebra.update_running(bn1, st1, W1 @ xbar, var1, count)
             else:
                 a1 = gamma1 * torch.rsqrt(bn1.running_var.to(cdt) + bn1.eps)
                 shifted = (W1 @ xbar if xbar is not None else 0) - bn1.running_mean.to(cdt)
@@ -155,7 +188,7 @@ class NORM(nn.Module):
                 a2 = gamma2 * torch.rsqrt(var2 + bn2.eps)
                 m = beta2
                 if st2.update:
-                    algebra.update_running(bn2, st2, mean2, var2, P)
+                    algebra.update_running(bn2, st2, mean2, var2, count)
             else:
                 a2 = gamma2 * torch.rsqrt(bn2.running_var.to(cdt) + bn2.eps)
                 m = beta2 + a2 * (W2 @ b - bn2.running_mean.to(cdt))
@@ -173,12 +206,36 @@ class NORM(nn.Module):
         t = (f_t.detach() if self.detach_teacher else f_t).flatten(2)
         AS = None
         if decomposed:
-            AS = W1S if a1 is None else a1[:, None] * W1S
-        sq = algebra.segment_sq_sum(x, t, A, b, xbar, S, AS, n, algorithm, backend)
+            # The spread needs the covariance of this process's own positions.
+            W1S_local = W1S if delta is None else W1 @ S_local
+            AS = W1S_local if a1 is None else a1[:, None] * W1S_local
+        sq = algebra.segment_sq_sum(x, t, A, b, xbar, AS, n, algorithm, backend, delta)
         loss = sq / (C_t * P)
         if self.segment_reduction == "mean":
             loss = loss / n
         return features, loss
+
+    # --- use as a forward hook on a model's stage (norm_fast.attach) ----------------------
+    def set_teacher(self, f_t: Optional[Tensor]) -> None:
+        """Teacher features (B, C_t, H, W) for the next hooked forward only."""
+        self._teacher = f_t
+
+    def hook(self, stage: nn.Module, inputs, output: Tensor) -> Tensor:
+        """Forward hook: replace the stage's output by the FT features.
+
+        Consumes the teacher given to `set_teacher` (never reused by a later forward) and
+        stores the loss in `last_loss` (None when no teacher was set).
+        """
+        f_t, self._teacher = getattr(self, "_teacher", None), None
+        features, self.last_loss = self(output, f_t)
+        return features
+
+    def remove(self) -> None:
+        """Remove the forward hook installed by `norm_fast.attach` (the FT stays a submodule)."""
+        handle = getattr(self, "_hook_handle", None)
+        if handle is not None:
+            handle.remove()
+            self._hook_handle = None
 
     # -------------------------------------------------------------------------------------
     def merge_into(self, fc: nn.Linear) -> nn.Linear:

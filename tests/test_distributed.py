@@ -1,0 +1,32 @@
+"""DDP with synchronised BatchNorm: 2 gloo processes on CPU equal one process over the
+concatenated batch (mean of the ranks' losses, DDP-averaged gradients, running stats)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dist_worker
+from literal import rel_err
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+@pytest.mark.parametrize("mode", ["flag", "convert"])
+@pytest.mark.parametrize("algorithm", ["direct", "decomposed"])
+def test_two_processes_equal_one_global_batch(tmp_path, mode, algorithm):
+    mp.spawn(dist_worker.worker, args=(2, str(tmp_path / "init"), mode, algorithm,
+                                       str(tmp_path)), nprocs=2, join=True)
+    losses, grads, buffers = dist_worker.run_single(algorithm)
+    for rank in range(2):
+        got = torch.load(os.path.join(tmp_path, f"{rank}.pt"))
+        for a, b in zip(got["losses"], losses):
+            assert rel_err(a, b) < 1e-10
+        for k, g in grads.items():
+            assert rel_err(got["grads"][k], g) < 1e-10, k
+        for k, v in buffers.items():
+            assert rel_err(got["buffers"][k].double(), v.double()) < 1e-10, k
