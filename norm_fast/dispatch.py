@@ -20,6 +20,8 @@ import warnings
 from types import ModuleType
 from typing import Dict, Tuple
 
+import torch
+
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 ALGORITHMS = ("auto", "direct", "decomposed")
 
@@ -84,7 +86,12 @@ def kernels(backend: str) -> ModuleType:
     return importlib.import_module(_KERNEL_MODULES[backend])
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device_type: str) -> str:
+    """The concrete backend for `backend` on `device_type` tensors.
+
+    Probing imports optional modules (triton, the C++ extension), so under torch.compile
+    it runs once at trace time and its answer is a constant of the graph."""
     check_backend(backend)
     if backend != "auto":
         if device_type not in _DEVICE_RULES[backend]:

@@ -238,6 +238,32 @@ class NORM(nn.Module):
             self._hook_handle = None
 
     # -------------------------------------------------------------------------------------
+    def load_reference_state_dict(self, state_dict, expand_key: str = "layer31",
+                                  contract_key: str = "layer32", strict: bool = True):
+        """Load the FT from a student checkpoint of the reference training code.
+
+        The reference names the FT `<expand_key>.0.weight`, `<expand_key>.1.{weight, bias,
+        running_mean, running_var, num_batches_tracked}` and the same under
+        `<contract_key>` (DESIGN.md s.1); a common prefix such as "module." is allowed and
+        every other key is ignored. Returns what `load_state_dict` returns.
+        """
+        prefixes = {k[: -len(f"{expand_key}.0.weight")] for k in state_dict
+                    if k.endswith(f"{expand_key}.0.weight")}
+        if len(prefixes) != 1:
+            raise ValueError(f"expected exactly one key ending in '{expand_key}.0.weight' in "
+                             f"the checkpoint, found {len(prefixes)} (keys: "
+                             f"{sorted(state_dict)[:8]}...)")
+        prefix = prefixes.pop()
+        mapping = {f"{prefix}{expand_key}.0.": "expand.", f"{prefix}{expand_key}.1.": "expand_bn.",
+                   f"{prefix}{contract_key}.0.": "contract.",
+                   f"{prefix}{contract_key}.1.": "contract_bn."}
+        ours = {}
+        for key, value in state_dict.items():
+            for src, dst in mapping.items():
+                if key.startswith(src):
+                    ours[dst + key[len(src):]] = value
+        return self.load_state_dict(ours, strict=strict)
+
     def merge_into(self, fc: nn.Linear) -> nn.Linear:
         """A new classifier equal, in eval mode, to `fc` applied after the FT (DESIGN.md s.2)."""
         from .merge import merge_into
