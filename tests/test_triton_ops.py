@@ -256,3 +256,50 @@ def test_backend_surface_and_interpreter_cleanup():
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     triton_backend.moments(x)
     assert JITFunction.__call__ is before  # the interpreter shim is scoped to a launch
+
+
+def _compile_for_sm90(kernel, pointer_types, constexprs, num_warps):
+    """Compile `kernel` for sm_90 ahead of time (no GPU needed: frontend, LLVM, ptxas)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {name: ("constexpr" if name in constexprs else pointer_types.get(name, "i32"))
+                 for name in kernel.arg_names}
+    src = ASTSource(kernel, signature, constexprs=dict(constexprs))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=2))
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_compile_for_hopper(dtype):
+    """The compiled (non-interpreted) frontend accepts every kernel with the GPU blocks.
+
+    The interpreter is more permissive than code generation; this catches kernels that
+    only the interpreter accepts, on machines without a GPU.
+    """
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the Triton build
+        pytest.skip(f"no ahead-of-time compiler: {exc}")
+    x_ty = "*fp32" if dtype == torch.float32 else "*bf16"
+    rnd, dot, prec = _triton_launch.dot_dtypes(dtype, False)
+    bp, bc, bk, warps = expand_mse._blocks(10**6, 512, 512, dtype, False)
+    common = dict(HAS_SHIFT=True, ACC=_triton_launch.tl_dtype(torch.float32), RND=rnd,
+                  DOT=dot, PREC=prec, BLOCK_P=bp, BLOCK_C=bc, BLOCK_K=bk)
+    small = {n: "*fp32" for n in ("a_ptr", "b_ptr", "shift_ptr", "part_ptr", "err_ptr",
+                                   "g2_ptr", "e_ptr", "xc_ptr", "s_ptr", "cov_ptr",
+                                   "sum_ptr")}
+    ptrs = dict(small, x_ptr=x_ty, t_ptr=x_ty, dt_ptr=x_ty)
+    k = _compile_for_sm90(expand_mse._expand_mse_fwd_kernel, ptrs,
+                          dict(common, STORE_ERR=True), warps)
+    if dtype == torch.bfloat16:
+        assert "wgmma" in k.asm["ptx"]  # tensor cores on Hopper
+    _compile_for_sm90(expand_mse._expand_mse_bwd_err_kernel, ptrs,
+                      dict(common, WRITE_E=True, WRITE_XC=True, WRITE_DT=True), warps)
+    bi, bj, bpm, _, warps_m = moments_mod._blocks(10**6, 512, False)
+    _compile_for_sm90(moments_mod._moments_kernel, ptrs,
+                      dict(ACC=_triton_launch.tl_dtype(torch.float32), PREC="ieee",
+                           BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bpm), warps_m)

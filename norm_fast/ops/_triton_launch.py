@@ -10,7 +10,7 @@ One kernel source serves two devices:
 The interpreter only rewrites the launched kernel itself; library functions of
 ``triton.language`` that are written as ``@triton.jit`` code (``tl.sum``, ``tl.zeros``...)
 stay ``JITFunction`` objects when the environment variable was unset at import time, and
-calling one outside a compiled kernel raises. `_interpreted_launch` therefore interprets
+calling one outside a compiled kernel raises. `_interpreter_patches` therefore interprets
 such nested calls too, for the duration of one launch (what ``TRITON_INTERPRET=1`` does
 at decoration time). Our own kernels call no ``@triton.jit`` helpers of their own.
 The same context also papers over one Triton 3.6 interpreter incompatibility with

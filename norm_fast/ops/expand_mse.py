@@ -60,8 +60,8 @@ def _expand_mse_fwd_kernel(
     part_ptr  (grid_p * grid_c,) ACC: this program's sum of squares
     err_ptr   (B, C_t, L) contiguous, ACC: E when STORE_ERR (n == 1)
 
-    Memory per program: three (BLOCK_C, BLOCK_P) ACC tiles (teacher, segment accumulator,
-    running squares) plus one a tile and one x tile per K step.
+    Registers per program: two (BLOCK_C, BLOCK_P) ACC tiles (teacher, segment
+    accumulator), a (BLOCK_C,) running sum of squares, one a tile and one x tile.
     """
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -80,7 +80,9 @@ def _expand_mse_fwd_kernel(
     t_off = bi[None, :] * stb + c64[:, None] * stc + li[None, :] * stl
     t_tile = tl.load(t_ptr + t_off, mask=mask_cp, other=0.0).to(ACC)
 
-    sq = tl.full((BLOCK_C, BLOCK_P), 0.0, ACC)
+    # Squares are reduced over positions after each segment: a (BLOCK_C,) running sum
+    # instead of a third (BLOCK_C, BLOCK_P) tile keeps register pressure down on GPU.
+    sq = tl.full((BLOCK_C,), 0.0, ACC)
     for i in range(n):
         rows = i * C_t + c64  # rows of segment i in a / b
         acc = tl.full((BLOCK_C, BLOCK_P), 0.0, ACC)
@@ -104,12 +106,12 @@ def _expand_mse_fwd_kernel(
         bias = tl.load(b_ptr + rows, mask=mask_c, other=0.0)
         e = acc + bias[:, None] - t_tile
         e = tl.where(mask_cp, e, 0.0)
-        sq += e * e
+        sq += tl.sum(e * e, axis=1)
         if STORE_ERR:
             # n == 1: the decomposed algorithm's residual, reduced in this same pass.
             e_off = (bi[None, :] * C_t + c64[:, None]) * L + li[None, :]
             tl.store(err_ptr + e_off, e, mask=mask_cp)
-    total = tl.sum(tl.sum(sq, axis=1), axis=0)
+    total = tl.sum(sq, axis=0)
     tl.store(part_ptr + pid_p * tl.num_programs(1) + pid_c, total)
 
 
@@ -199,24 +201,31 @@ def _blocks(P: int, C_s: int, C_t: int, dtype: torch.dtype, interpreted: bool):
 
     Interpreter: every tl op is one numpy call, so cost ~ (number of programs) x (ops per
     program); the largest blocks that cover the problem win (up to 256/128/128).
-    GPU (H100/H200): the program holds three (BLOCK_C, BLOCK_P) accumulators in registers.
-      float32 ("ieee", FMA path): 64 x 64 tiles, K step 32, 4 warps;
-      16-bit (tensor cores, wgmma/mma): 64 x 128 tiles, K step 32, 8 warps;
-      float64 (DMMA/FMA, twice the registers per value): 32 x 64 tiles, K step 16, 4 warps.
-    Every block is clamped to the power of two covering its dimension (>= 16, tl.dot's
-    minimum) so small channel counts do not pay for empty rows.
+    GPU (H100/H200): a program holds the teacher tile and the segment accumulator
+    (BLOCK_C x BLOCK_P each) plus 64-bit pointer tiles for every load/store, so register
+    pressure, not shared memory, is the limit. Chosen so that ptxas (sm_90a, Triton 3.6)
+    reports no or negligible spills for both kernels:
+      float32  ("ieee": FMA dot, whose K slab lives in registers): 64 x 64, K 16, 8 warps
+               (fwd 201 regs; bwd 255 regs + 16 B stack; K 32 or 4 warps spill KBs);
+      16-bit   (tensor cores, wgmma on sm_90):                       64 x 64, K 32, 8 warps
+               (fwd 192 regs, bwd 254; 128-position tiles spill in the backward);
+      float64  (DMMA):                                               64 x 32, K 16, 8 warps
+               (fwd 150 regs, bwd 255, no spill).
+    Not yet timed on a GPU: retune there. Every block is clamped to the power of two
+    covering its dimension (>= 16, tl.dot's minimum) so small channel counts do not pay
+    for empty rows.
     """
     if interpreted:
         return (tlaunch.pow2_block(P, 16, 256), tlaunch.pow2_block(C_t, 16, 128),
                 tlaunch.pow2_block(C_s, 16, 128), 1)
     if dtype == torch.float64:
-        bp, bc, bk, warps = 64, 32, 16, 4
+        bp, bc, bk = 64, 32, 16
     elif dtype == torch.float32:
-        bp, bc, bk, warps = 64, 64, 32, 4
+        bp, bc, bk = 64, 64, 16
     else:
-        bp, bc, bk, warps = 128, 64, 32, 8
+        bp, bc, bk = 64, 64, 32
     return (tlaunch.pow2_block(P, 16, bp), tlaunch.pow2_block(C_t, 16, bc),
-            tlaunch.pow2_block(C_s, 16, bk), warps)
+            tlaunch.pow2_block(C_s, 16, bk), 8)
 
 
 def _common(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor]):
@@ -296,7 +305,7 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
         da += E_chunk @ xc_chunk^T      (n*C_t, C_s)
         dx[chunk] = E_chunk^T @ a       (chunk, C_s)  -- the sum over n*C_t does the
                                                           segment sum
-    to tensor-core GEMMs (cuBLAS). Memory: at most `chunk_bytes` of error (at least one
+    to cuBLAS GEMMs (tensor cores for 16-bit inputs). Memory: at most `chunk_bytes` of error (at least one
     position) plus C_s * chunk for the centred student; never n*C_t*P.
 
     `err` (n == 1): the error stored by the forward; then nothing is recomputed.
@@ -331,7 +340,7 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
         else:
             pc = P  # only dt: no error buffer, one launch over every position
         bp, bc, bk, warps = _blocks(pc, C_s, C_t, x.dtype, interpreted)
-        if pc > bp:
+        if need_e and pc > bp:
             pc -= pc % bp  # whole position tiles per chunk
         e_buf = torch.empty(K * pc, dtype=cdt, device=dev) if need_e else None
         xc_buf = torch.empty(C_s * pc, dtype=cdt, device=dev) if want_a else None
