@@ -17,6 +17,7 @@ $(VENV)/.ready: pyproject.toml setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_PIN)"
 	$(PY) -c "import pytest, pytest_benchmark, ninja" 2>/dev/null || $(PY) -m pip install -q pytest pytest-benchmark ninja numpy
+	$(PY) -c "import sklearn" 2>/dev/null || $(PY) -m pip install -q scikit-learn
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

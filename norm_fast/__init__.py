@@ -9,7 +9,9 @@ from .dispatch import ALGORITHMS, BACKENDS
 from .functional import match_spatial, norm_loss
 from .merge import ft_affine, merge_into
 from .module import NORM
+from .schedule import norm_weight
+from .attach import attach, merge  # after .merge: the function shadows the submodule name
 
 __all__ = ["NORM", "functional", "norm_loss", "match_spatial", "merge_into", "ft_affine",
-           "BACKENDS", "ALGORITHMS"]
+           "BACKENDS", "ALGORITHMS", "attach", "merge", "norm_weight"]
 __version__ = "0.1.0"
