@@ -46,12 +46,12 @@ def norm_loss(f_s: Tensor, f_t: Tensor, weight: Tensor, n: int, *,
         A = weight.reshape(n * C_t, C_s).to(cdt)
         x, t = f_s.flatten(2), f_t.flatten(2)
         if algorithm == "direct":
-            sq = algebra.segment_sq_sum(x, t, A, A.new_zeros(n * C_t), None, None, n, "direct",
-                                        backend)
+            sq = algebra.direct_sq_sum(x, t, A, A.new_zeros(n * C_t), None, n, backend)
         else:
             # Without BatchNorm: Y_i = W_i X = W_i (X - xbar) + W_i xbar (DESIGN.md s.4).
             xbar, S = library.moments(x, backend)
-            sq = algebra.segment_sq_sum(x, t, A, A @ xbar, xbar, A @ S, n, "decomposed", backend)
+            spread, Abar, _ = algebra.matrix_spread(A, A @ S, n)
+            sq = algebra.decomposed_sq_sum(x, t, Abar, A @ xbar, xbar, spread, n, backend)
         loss = sq / (C_t * B * H * W)
     return loss / n if segment_reduction == "mean" else loss
 

@@ -146,7 +146,7 @@ class NORM(nn.Module):
         st1, st2 = algebra.bn_state(bn1, self.training), algebra.bn_state(bn2, self.training)
         decomposed = algorithm == "decomposed" and f_t is not None
         need_cov = decomposed or (st1 is not None and (st1.batch_stats or st2.batch_stats))
-        xbar = S = W1S = delta = S_local = None
+        xbar = S = delta = S_local = None
         count = P
         if need_cov:
             xbar, S = library.moments(x, backend)
@@ -155,18 +155,26 @@ class NORM(nn.Module):
                 local_mean = xbar
                 xbar, S, count = distributed.global_moments(xbar, S, P, sync[0])
                 delta = local_mean - xbar
-            W1S = W1 @ S          # the one large product, formed once (DESIGN.md s.5)
 
-        # Expansion: Y = A (X - xbar) + b, or A X + b when xbar is None.
-        a1 = None
+        # Expansion: Y = A (X - xbar) + b, or A X + b when xbar is None. With BatchNorm
+        # (and no synchronisation) one fused autograd node forms A, the batch variance
+        # and the spread of the decomposed loss (algebra._BNExpansion).
+        spread = Abar = D = None
+        fused = bn1 is not None and sync is None
         if bn1 is None:
             A = W1
             b = W1 @ xbar if xbar is not None else W1.new_zeros(n * C_t)
         else:
             gamma1, beta1 = algebra.bn_affine(bn1, cdt)
             if st1.batch_stats:
-                var1 = (W1S * W1).sum(1)                         # diag(W1 S W1^T), biased
-                a1 = gamma1 * torch.rsqrt(var1 + bn1.eps)
+                if fused:
+                    A, Abar, var1, spread = algebra.bn_expansion(
+                        W1, S, gamma1, bn1.eps, True, n if decomposed else 0)
+                else:
+                    W1S = W1 @ S          # the one large product, formed once (DESIGN.md s.5)
+                    var1 = (W1S * W1).sum(1)                     # diag(W1 S W1^T), biased
+                    a1 = gamma1 * torch.rsqrt(var1 + bn1.eps)
+                    A = a1[:, None] * W1
                 b = beta1
                 if st1.update:
                     algebra.update_running(bn1, st1, W1 @ xbar, var1, count)
@@ -174,7 +182,14 @@ class NORM(nn.Module):
                 a1 = gamma1 * torch.rsqrt(bn1.running_var.to(cdt) + bn1.eps)
                 shifted = (W1 @ xbar if xbar is not None else 0) - bn1.running_mean.to(cdt)
                 b = beta1 + a1 * shifted
-            A = a1[:, None] * W1
+                A, Abar, _, spread = algebra.bn_expansion(W1, S if decomposed else None, a1,
+                                                          bn1.eps, False, n if decomposed else 0)
+        if decomposed and spread is None:
+            # The general path: without BatchNorm, or with synchronised statistics (the
+            # spread then needs this process's own covariance, S_local).
+            W1S_local = W1 @ S_local
+            AS = W1S_local if bn1 is None else a1[:, None] * W1S_local
+            spread, Abar, D = algebra.matrix_spread(A, AS, n)
 
         # Contraction + BN + residual: features = (M + I) X + m  (DESIGN.md s.3).
         K = W2 @ A                                               # C_s x C_s
@@ -204,12 +219,10 @@ class NORM(nn.Module):
         if f_t is None:
             return features, None
         t = (f_t.detach() if self.detach_teacher else f_t).flatten(2)
-        AS = None
         if decomposed:
-            # The spread needs the covariance of this process's own positions.
-            W1S_local = W1S if delta is None else W1 @ S_local
-            AS = W1S_local if a1 is None else a1[:, None] * W1S_local
-        sq = algebra.segment_sq_sum(x, t, A, b, xbar, AS, n, algorithm, backend, delta)
+            sq = algebra.decomposed_sq_sum(x, t, Abar, b, xbar, spread, n, backend, D, delta)
+        else:
+            sq = algebra.direct_sq_sum(x, t, A, b, xbar, n, backend)
         loss = sq / (C_t * P)
         if self.segment_reduction == "mean":
             loss = loss / n

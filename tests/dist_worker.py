@@ -37,7 +37,7 @@ def make_module(algorithm: str, sync: bool) -> NORM:
 
 def run_single(algorithm: str):
     """The truth: one process over the whole batch, objective = mean of the ranks'."""
-    mod = make_module(algorithm, sync=(mode == "flag"))
+    mod = make_module(algorithm, sync=False)
     losses = []
     for step in range(STEPS):
         f_s, f_t, g = data(step)

@@ -41,6 +41,7 @@ def make_pair(shape, cfg, backend, algorithm, device, dtype=torch.float64, seed=
     B, C_s, C_t, H, W, n = shape
     batchnorm, residual, reduction, detach = cfg
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the convs' Kaiming initialisation
     mod = NORM(C_s, C_t, n, batchnorm=batchnorm, residual=residual, segment_reduction=reduction,
                detach_teacher=detach, backend=backend, algorithm=algorithm)
     randomise_bn(mod, gen)
