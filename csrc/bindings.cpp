@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "norm_ops.h"
@@ -13,10 +14,22 @@
 namespace norm_fast {
 
 #ifndef NORM_FAST_WITH_CUDA
-const PassKernels* cuda_pass_kernels() { return nullptr; }
+PassKernels* cuda_pass_kernels() { return nullptr; }
 #endif
 
 bool has_cuda_kernels() { return cuda_pass_kernels() != nullptr; }
+
+// Test hook: the device's preferred chunk size in bytes (returns the previous value).
+// Tests set it tiny to run the multi-chunk paths at small shapes.  Not thread-safe
+// against ops running concurrently.
+int64_t set_chunk_target_bytes(const std::string& device, int64_t bytes) {
+  TORCH_CHECK(bytes >= 1, "chunk target must be >= 1 byte");
+  PassKernels* k = device == "cpu" ? &cpu_pass_kernels() : cuda_pass_kernels();
+  TORCH_CHECK(k != nullptr, "norm_fast: no kernels for device ", device);
+  const int64_t old = k->chunk_target_bytes;
+  k->chunk_target_bytes = bytes;
+  return old;
+}
 
 }  // namespace norm_fast
 
@@ -40,4 +53,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("shift"), pybind11::arg("n"), pybind11::arg("err"),
         pybind11::arg("grad_mask"), pybind11::arg("chunk_bytes"));
   m.def("has_cuda", &nf::has_cuda_kernels, "whether this build holds the CUDA kernels");
+  m.def("_set_chunk_target_bytes", &nf::set_chunk_target_bytes,
+        "test hook: set a device's preferred chunk size (bytes), return the old one",
+        pybind11::arg("device"), pybind11::arg("bytes"));
 }

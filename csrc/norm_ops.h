@@ -1,7 +1,8 @@
 // Device-agnostic drivers of the four NORM ops (the contract of
 // norm_fast/ops/torch_ops.py), shared by the "cpp" (CPU) and "cuda" backends.
 //
-// Each op walks the positions in chunks of whole batch rows.  Per chunk:
+// Each op walks the flat positions p = b * L + l in chunks (ranges of positions, not
+// of batch rows: a chunk's size depends on neither B nor L).  Per chunk:
 //   1. pack      the chunk's student positions, centred (x - shift), into a (C_s, K)
 //                matrix: one pass that also converts the dtype and absorbs any input
 //                strides (a channels_last map's flatten(2) included);
@@ -10,9 +11,14 @@
 //                error store, row sums, dt -- instead of separate elementwise
 //                tensor passes, each allocating a P-sized temporary.
 // Only the passes (pass_kernels.h) differ between devices.  Chunks are sized to the
-// device's cache target (CPU: the buffers stay in L2/L3 between the GEMM and its
+// device's cache target (CPU: the buffers stay in cache between the GEMM and its
 // epilogue) and, for the recomputed error of the direct algorithm, to `chunk_bytes`,
 // so nothing of size n*C_t*P is ever allocated (DESIGN.md section 5).
+// Chunks run in sequence; each pass is parallel inside (CPU: at::parallel_for over
+// channels, GPU: a grid) and so is each GEMM (multithreaded BLAS, cuBLAS).  Measured
+// on the CPU, this beat running whole chunks concurrently (one per thread, serial
+// BLAS) by 5-10% at the benchmark shape, and keeps results independent of the
+// thread count.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -57,14 +63,25 @@ inline void check_same_device(const at::Tensor& x, const at::Tensor& v, const ch
               " but x is on ", x.device());
 }
 
-// Batch rows per chunk: as many as fit `target_bytes` at `bytes_per_row` each, at most
-// `limit_rows` (at least 1), then evened out so the chunks have near-equal sizes.
-inline int64_t chunk_rows(int64_t B, int64_t bytes_per_row, int64_t target_bytes,
-                          int64_t limit_rows) {
-  int64_t nb = std::max<int64_t>(1, target_bytes / std::max<int64_t>(1, bytes_per_row));
-  nb = std::max<int64_t>(1, std::min({nb, limit_rows, B}));
-  const int64_t nchunks = (B + nb - 1) / nb;
-  return (B + nchunks - 1) / nchunks;
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Positions per chunk: as many as fit the device's chunk target at `bytes_per_pos`
+// each, at most `limit` (P when unbounded), then evened out so that the chunks have
+// near-equal sizes.
+inline int64_t chunk_positions(const PassKernels& k, int64_t P, int64_t bytes_per_pos,
+                               int64_t limit) {
+  int64_t K = k.chunk_target_bytes / std::max<int64_t>(1, bytes_per_pos);
+  K = std::max<int64_t>(1, std::min({K, limit, P}));
+  return ceil_div(P, ceil_div(P, K));
+}
+
+// The most positions whose recomputed error (rows per position, `item` bytes each) the
+// direct path may hold at once: what chunk_bytes allows, and never all P of them -- an
+// n*C_t*P block is what this algorithm exists to avoid (DESIGN.md section 5), even
+// when it would fit.
+inline int64_t direct_limit(int64_t P, int64_t rows, int64_t item, int64_t chunk_bytes) {
+  const int64_t by_bytes = chunk_bytes / std::max<int64_t>(1, rows * item);
+  return std::max<int64_t>(1, std::min(by_bytes, P > 1 ? ceil_div(P, 2) : 1));
 }
 
 // A contiguous (rows, cols) view of the front of a flat work buffer: the last chunk
@@ -101,29 +118,48 @@ inline at::Tensor vector_in(const std::optional<at::Tensor>& v, at::ScalarType c
 
 // cov[lower] += xp xp^T by row panels: panel [i0, i1) gets rows i0..i1 against
 // columns 0..i1, so only the lower triangle and the diagonal blocks are formed --
-// about half the multiply-adds of the full product (a blocked SYRK through GEMMs,
-// which ATen offers on every device).  panel <= 0: one full GEMM.
-inline bool syrk_lower_accumulate(const at::Tensor& cov, const at::Tensor& xp, int64_t panel) {
+// (m + 1) / 2m of the full product's multiply-adds with m panels (5/8 at C = 512,
+// m = 4): a blocked SYRK through GEMMs, which ATen offers on every device.  Measured
+// against 64- and 256-row panels, 128 was fastest.  panel <= 0: one full GEMM.
+inline void syrk_lower_accumulate(const at::Tensor& cov, const at::Tensor& xp, int64_t panel) {
   const int64_t C = xp.size(0);
   if (panel <= 0 || panel >= C) {
     cov.addmm_(xp, xp.t());
-    return false;
+    return;
   }
   // Equal panels (the last one not much smaller than the others).
-  const int64_t npanel = (C + panel - 1) / panel;
-  const int64_t step = (C + npanel - 1) / npanel;
+  const int64_t step = ceil_div(C, ceil_div(C, panel));
   for (int64_t i0 = 0; i0 < C; i0 += step) {
     const int64_t i1 = std::min(C, i0 + step);
     cov.narrow(0, i0, i1 - i0).narrow(1, 0, i1).addmm_(xp.narrow(0, i0, i1 - i0),
                                                        xp.narrow(0, 0, i1).t());
   }
-  return true;
+}
+
+// cov = its lower triangle mirrored, by panel blocks (cache-friendly transposed copies
+// of step x step blocks instead of one strided pass over the whole matrix).
+inline void mirror_lower(const at::Tensor& cov, int64_t panel) {
+  const int64_t C = cov.size(0);
+  const int64_t step = ceil_div(C, ceil_div(C, panel));
+  for (int64_t i0 = 0; i0 < C; i0 += step) {
+    const int64_t ni = std::min(C, i0 + step) - i0;
+    const at::Tensor diag = cov.narrow(0, i0, ni).narrow(1, i0, ni);
+    const at::Tensor low = diag.tril();
+    diag.copy_(low + low.tril(-1).t());
+    for (int64_t j0 = 0; j0 < i0; j0 += step) {
+      const int64_t nj = std::min(C, j0 + step) - j0;
+      cov.narrow(0, j0, nj).narrow(1, i0, ni).copy_(cov.narrow(0, i0, ni).narrow(1, j0, nj).t());
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------
-// moments: mean (C) and biased covariance (C, C) over the B*L positions.
-// Two passes (DESIGN.md section 3): the mean, then the product of data centred by
-// that mean, so the covariance does not cancel when the mean is large.
+// moments: mean (C) and biased covariance (C, C) over the B*L positions, in one pass
+// over x (DESIGN.md section 3).  Each chunk c of K_c positions is centred by its own
+// channel means m_c before its product, so nothing cancels however large the mean is
+// against the spread; the chunks combine exactly (Chan et al.'s pairwise update):
+//   P * cov = sum_c Xc_c Xc_c^T + sum_c K_c (m_c - m)(m_c - m)^T,  m = sum_c K_c m_c / P.
+// The second sum is a (C x nchunks)(nchunks x C) product in float64.
 inline std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& x) {
   check_positions(x, "x");
   at::NoGradGuard no_grad;
@@ -131,26 +167,35 @@ inline std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& x) {
   const PassKernels& k = kernels_for(x);
   const auto cdt = compute_dtype(x.scalar_type());
   const auto opts = x.options().dtype(cdt);
+  const auto opts64 = x.options().dtype(at::kDouble);
   const int64_t B = x.size(0), C = x.size(1), L = x.size(2), P = B * L;
   const int64_t item = static_cast<int64_t>(c10::elementSize(cdt));
-
   const at::Tensor src = as_source(x, cdt, k);
-  at::Tensor mean = at::sum(src, {0, 2}, /*keepdim=*/false, cdt).div_(static_cast<double>(P));
   at::Tensor cov = at::zeros({C, C}, opts);
-  if (C == 0) return {mean, cov};
+  if (C == 0) return {at::zeros({0}, opts), cov};
 
-  const int64_t nb = chunk_rows(B, C * L * item, k.chunk_target_bytes, B);
-  const at::Tensor xbuf = at::empty({C * nb * L}, opts);
-  bool lower_only = false;
-  for (int64_t b0 = 0; b0 < B; b0 += nb) {
-    const int64_t b1 = std::min(B, b0 + nb);
-    const at::Tensor xp = front(xbuf, C, (b1 - b0) * L);
-    k.pack(src, b0, b1, mean, xp);
-    lower_only = syrk_lower_accumulate(cov, xp, k.syrk_panel);
+  const int64_t K = chunk_positions(k, P, C * item, P), nchunks = ceil_div(P, K);
+  const at::Tensor xbuf = at::empty({C * K}, opts);
+  const at::Tensor chunk_means = at::empty({nchunks, C}, opts64);
+  for (int64_t p0 = 0; p0 < P; p0 += K) {
+    const int64_t p1 = std::min(P, p0 + K);
+    const at::Tensor xp = front(xbuf, C, p1 - p0);
+    k.pack_centred(src, p0, p1, xp, chunk_means[p0 / K]);
+    syrk_lower_accumulate(cov, xp, k.syrk_panel);
   }
-  if (lower_only) cov = cov.tril().add_(cov.tril(-1).t());
+  if (k.syrk_panel > 0 && k.syrk_panel < C) mirror_lower(cov, k.syrk_panel);
+
+  // Positions per chunk (all K but the last) and the combination.
+  const at::Tensor counts = at::full({nchunks}, double(K), opts64);
+  counts.narrow(0, nchunks - 1, 1).fill_(double(P - (nchunks - 1) * K));
+  const at::Tensor mean64 = at::matmul(counts, chunk_means).div_(static_cast<double>(P));
+  if (nchunks > 1) {
+    const at::Tensor dev = chunk_means - mean64;
+    const at::Tensor between = at::matmul((dev * counts.unsqueeze(1)).t(), dev);
+    cov.add_(((between + between.t()) * 0.5).to(cdt));  // exactly symmetric
+  }
   cov.div_(static_cast<double>(P));
-  return {mean, cov};
+  return {mean64.to(cdt), cov};
 }
 
 // ---------------------------------------------------------------------------------
@@ -188,16 +233,16 @@ inline at::Tensor moments_backward(const at::Tensor& x, const at::Tensor& mean,
   const int64_t item = static_cast<int64_t>(c10::elementSize(cdt));
 
   at::Tensor dx = at::empty({B, C, L}, opts);
-  const int64_t nb = chunk_rows(B, 2 * C * L * item, k.chunk_target_bytes, B);
-  const at::Tensor xbuf = at::empty({C * nb * L}, opts);
-  const at::Tensor ybuf = at::empty({C * nb * L}, opts);
-  for (int64_t b0 = 0; b0 < B; b0 += nb) {
-    const int64_t b1 = std::min(B, b0 + nb);
-    const at::Tensor xp = front(xbuf, C, (b1 - b0) * L);
-    at::Tensor yp = front(ybuf, C, (b1 - b0) * L);
-    k.pack(src, b0, b1, mean_c, xp);
+  const int64_t K = chunk_positions(k, P, 2 * C * item, P);
+  const at::Tensor xbuf = at::empty({C * K}, opts);
+  const at::Tensor ybuf = at::empty({C * K}, opts);
+  for (int64_t p0 = 0; p0 < P; p0 += K) {
+    const int64_t p1 = std::min(P, p0 + K);
+    const at::Tensor xp = front(xbuf, C, p1 - p0);
+    at::Tensor yp = front(ybuf, C, p1 - p0);
+    k.pack(src, p0, p1, mean_c, xp);
     at::mm_out(yp, G, xp);
-    k.unpack(yp, b0, b1, at::Tensor(), bias, dx, at::Tensor());
+    k.unpack(yp, p0, p1, at::Tensor(), bias, dx, at::Tensor());
   }
   return x.scalar_type() == cdt ? dx : dx.to(x.scalar_type());
 }
@@ -246,22 +291,21 @@ inline std::tuple<at::Tensor, at::Tensor> expand_mse_forward(
   const at::Tensor src = as_source(x, cdt, k);
   const at::Tensor tt = positions_contiguous(t.to(cdt));
 
-  // The stored error is the output itself; the recomputed one is bounded by chunk_bytes.
-  const int64_t limit = store_error ? B
-                                    : std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(
-                                                               1, rows * L * item));
-  const int64_t nb = chunk_rows(B, (C_s + rows) * L * item, k.chunk_target_bytes, limit);
-  const at::Tensor xbuf = at::empty({C_s * nb * L}, opts);
-  const at::Tensor obuf = at::empty({rows * nb * L}, opts);
+  // The stored error is the output itself; the recomputed one is bounded.
+  const int64_t P = B * L;
+  const int64_t limit = store_error ? P : direct_limit(P, rows, item, chunk_bytes);
+  const int64_t K = chunk_positions(k, P, (C_s + rows) * item, limit);
+  const at::Tensor xbuf = at::empty({C_s * K}, opts);
+  const at::Tensor obuf = at::empty({rows * K}, opts);
   const at::Tensor sq_acc = at::zeros({rows}, opts.dtype(at::kDouble));
   const at::Tensor err = store_error ? at::empty({B, C_t, L}, opts) : at::Tensor();
-  for (int64_t b0 = 0; b0 < B; b0 += nb) {
-    const int64_t b1 = std::min(B, b0 + nb);
-    const at::Tensor xp = front(xbuf, C_s, (b1 - b0) * L);
-    at::Tensor op = front(obuf, rows, (b1 - b0) * L);
-    k.pack(src, b0, b1, shift_c, xp);
+  for (int64_t p0 = 0; p0 < P; p0 += K) {
+    const int64_t p1 = std::min(P, p0 + K);
+    const at::Tensor xp = front(xbuf, C_s, p1 - p0);
+    at::Tensor op = front(obuf, rows, p1 - p0);
+    k.pack(src, p0, p1, shift_c, xp);
     at::mm_out(op, a_c, xp);
-    k.error_sq(op, b_c, tt, b0, b1, n, sq_acc, err);
+    k.error_sq(op, b_c, tt, p0, p1, n, sq_acc, err);
   }
   at::Tensor sq = sq_acc.sum().to(cdt);
   return {sq, store_error ? err : at::empty({0}, opts)};
@@ -317,37 +361,36 @@ inline std::vector<at::Tensor> expand_mse_backward(
 
   const bool need_xp = !stored || want_a;        // E's recomputation and dA read Xc
   const bool need_ep = !stored || want_a || need_dx;
-  const int64_t limit = stored ? B
-                               : std::max<int64_t>(1, chunk_bytes / std::max<int64_t>(
-                                                          1, rows * L * item));
-  const int64_t nb = chunk_rows(B, (C_s + rows) * L * item, k.chunk_target_bytes, limit);
+  const int64_t P = B * L;
+  const int64_t limit = stored ? P : direct_limit(P, rows, item, chunk_bytes);
+  const int64_t Kc = chunk_positions(k, P, (C_s + rows) * item, limit);
   // xbuf holds Xc, then (after the dA product) a^T E for dx.
-  const at::Tensor xbuf =
-      (need_xp || need_dx) ? at::empty({C_s * nb * L}, opts) : at::Tensor();
-  const at::Tensor ebuf = need_ep ? at::empty({rows * nb * L}, opts) : at::Tensor();
+  const at::Tensor xbuf = (need_xp || need_dx) ? at::empty({C_s * Kc}, opts) : at::Tensor();
+  const at::Tensor ebuf = need_ep ? at::empty({rows * Kc}, opts) : at::Tensor();
 
   const at::Tensor dx = want_x ? at::empty({B, C_s, L}, opts) : at::Tensor();
   const at::Tensor dt = want_t ? at::empty({B, C_t, L}, opts) : at::Tensor();
   at::Tensor da = want_a ? at::zeros({rows, C_s}, opts) : at::Tensor();
-  const at::Tensor db_acc = want_b ? at::zeros({rows}, opts.dtype(at::kDouble)) : at::Tensor();
-  const at::Tensor ds_acc = want_s ? at::zeros({C_s}, opts.dtype(at::kDouble)) : at::Tensor();
+  const auto acc_opts = opts.dtype(at::kDouble);
+  const at::Tensor db_acc = want_b ? at::zeros({rows}, acc_opts) : at::Tensor();
+  const at::Tensor ds_acc = want_s ? at::zeros({C_s}, acc_opts) : at::Tensor();
 
-  for (int64_t b0 = 0; b0 < B; b0 += nb) {
-    const int64_t b1 = std::min(B, b0 + nb), K = (b1 - b0) * L;
+  for (int64_t p0 = 0; p0 < P; p0 += Kc) {
+    const int64_t p1 = std::min(P, p0 + Kc), K = p1 - p0;
     const at::Tensor xp = need_xp ? front(xbuf, C_s, K) : at::Tensor();
     at::Tensor ep = need_ep ? front(ebuf, rows, K) : at::Tensor();
-    if (need_xp) k.pack(src, b0, b1, shift_c, xp);
+    if (need_xp) k.pack(src, p0, p1, shift_c, xp);
     if (stored) {
-      k.pack_error(e_src, b0, b1, ep, db_acc, dt, neg_g2);
+      k.pack_error(e_src, p0, p1, ep, db_acc, dt, neg_g2);
     } else {
       at::mm_out(ep, a_c, xp);
-      k.error_grad(ep, b_c, tt, b0, b1, n, db_acc, dt, neg_g2);
+      k.error_grad(ep, b_c, tt, p0, p1, n, db_acc, dt, neg_g2);
     }
     if (want_a) da.addmm_(ep, xp.t());
     if (need_dx) {
       at::Tensor yp = front(xbuf, C_s, K);  // Xc is no longer needed
       at::mm_out(yp, a_c.t(), ep);
-      k.unpack(yp, b0, b1, g2, at::Tensor(), dx, ds_acc);
+      k.unpack(yp, p0, p1, g2, at::Tensor(), dx, ds_acc);
     }
   }
   return {

@@ -1,0 +1,161 @@
+"""Finds the compiled norm_fast extension, or builds it on first use.
+
+Order:
+  1. the prebuilt module `norm_fast._C` (made by `pip install -e .`, see setup.py);
+  2. a JIT build of csrc/ with `torch.utils.cpp_extension.load` (ninja), cached in
+     torch's extension directory (TORCH_EXTENSIONS_DIR, default
+     ~/.cache/torch_extensions) and rebuilt only when a source changes; with CUDA
+     sources when torch is a CUDA build, a CUDA toolkit is found and a GPU is present,
+     and CPU-only if that build fails;
+  3. nothing: `load()` returns None and the reason, never raises, so a machine
+     without a compiler imports norm_fast fine and the dispatcher falls back to the
+     pure-PyTorch kernels with a visible warning.
+Set NORM_FAST_NO_EXTENSION=1 to skip the extension entirely.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from types import ModuleType
+from typing import Optional, Tuple
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_CSRC = os.path.join(_REPO, "csrc")
+_CPU_SOURCES = ("bindings.cpp", "cpu/norm_cpu.cpp")
+_CUDA_SOURCES = ("cuda/norm_cuda.cpp", "cuda/norm_kernels.cu")
+
+_lock = threading.Lock()
+_state: Optional[Tuple[Optional[ModuleType], str]] = None
+
+
+def _cxx_flags():
+    import sys
+    return ["/O2"] if sys.platform == "win32" else ["-O3", "-fopenmp-simd"]
+
+
+def _compiler() -> Optional[str]:
+    cxx = os.environ.get("CXX", "c++")
+    return shutil.which(cxx) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _want_cuda() -> Tuple[bool, str]:
+    import torch
+    from torch.utils import cpp_extension
+    if torch.version.cuda is None:
+        return False, "torch is a CPU-only build"
+    if cpp_extension.CUDA_HOME is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, ""
+
+
+def _jit(with_cuda: bool) -> ModuleType:
+    from torch.utils.cpp_extension import load as cpp_load
+    sources = [os.path.join(_CSRC, s) for s in _CPU_SOURCES]
+    kwargs = {}
+    name = "norm_fast_C_cpu"
+    if with_cuda:
+        sources += [os.path.join(_CSRC, s) for s in _CUDA_SOURCES]
+        kwargs["extra_cuda_cflags"] = ["-O3", "-std=c++17"]
+        kwargs["extra_cflags"] = _cxx_flags() + ["-DNORM_FAST_WITH_CUDA=1"]
+        name = "norm_fast_C_cuda"
+    else:
+        kwargs["extra_cflags"] = _cxx_flags()
+    return cpp_load(name=name, sources=sources, verbose=False, **kwargs)
+
+
+def _stale_prebuilt() -> str:
+    """A reason to skip the prebuilt module when csrc/ changed after it was built (an
+    editable install whose sources were edited since), else ""."""
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec("norm_fast._C")
+    except (ImportError, ValueError):
+        return ""
+    if spec is None or not spec.origin or not os.path.isdir(_CSRC):
+        return ""
+    built = os.path.getmtime(spec.origin)
+    for root, _, files in os.walk(_CSRC):
+        for f in files:
+            path = os.path.join(root, f)
+            if f.endswith((".cpp", ".h", ".cu", ".cuh")) and os.path.getmtime(path) > built:
+                return (f"prebuilt norm_fast._C is older than csrc/"
+                        f"{os.path.relpath(path, _CSRC)} (rebuild: pip install -e .)")
+    return ""
+
+
+def _find() -> Tuple[Optional[ModuleType], str]:
+    if os.environ.get("NORM_FAST_NO_EXTENSION", "") not in ("", "0"):
+        return None, "disabled by NORM_FAST_NO_EXTENSION"
+    stale = _stale_prebuilt()
+    if stale:
+        prebuilt_err = stale
+    else:
+        try:
+            from norm_fast import _C  # type: ignore[attr-defined]
+            return _C, "prebuilt norm_fast._C"
+        except ImportError as exc:
+            prebuilt_err = f"no usable prebuilt norm_fast._C ({exc})"
+    if not all(os.path.exists(os.path.join(_CSRC, s)) for s in _CPU_SOURCES):
+        return None, f"{prebuilt_err}, and the C++ sources are not installed ({_CSRC})"
+    if _compiler() is None:
+        return None, f"{prebuilt_err}, and no C++ compiler found (set CXX)"
+    try:
+        import torch.utils.cpp_extension  # noqa: F401  (ninja check happens inside load)
+    except ImportError as exc:
+        return None, f"{prebuilt_err}, and torch.utils.cpp_extension is unusable ({exc})"
+    with_cuda, _ = _want_cuda()
+    errors = []
+    for cuda in ((True, False) if with_cuda else (False,)):
+        try:
+            return _jit(cuda), "JIT build" + (" with CUDA" if cuda else "")
+        except Exception as exc:  # noqa: BLE001 - any compiler/toolchain failure
+            first = str(exc).strip().splitlines()
+            errors.append(f"JIT build{' with CUDA' if cuda else ''} failed: "
+                          f"{first[-1] if first else type(exc).__name__}")
+    return None, f"{prebuilt_err}; " + "; ".join(errors)
+
+
+def load() -> Tuple[Optional[ModuleType], str]:
+    """(module, how it was found) or (None, why not); the search runs once per process."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _find()
+    return _state
+
+
+def available(device_type: str) -> Tuple[bool, str]:
+    """Whether the extension's kernels can run on `device_type` ("cpu" or "cuda")."""
+    module, how = load()
+    if module is None:
+        return False, how
+    if device_type == "cuda":
+        if not module.has_cuda():
+            ok, why = _want_cuda()
+            return False, ("the extension was built without CUDA kernels"
+                           + (f" ({why})" if why else ""))
+        import torch
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+    return True, how
+
+
+def module() -> ModuleType:
+    """The loaded extension; RuntimeError with the reason when there is none."""
+    mod, how = load()
+    if mod is None:
+        raise RuntimeError(f"norm_fast C++ extension unavailable: {how}")
+    return mod
+
+
+def checked_module(device_type: str, backend: str, *tensors) -> ModuleType:
+    """The extension, after checking that every given tensor is on `device_type`."""
+    for t in tensors:
+        if t is not None and t.device.type != device_type:
+            raise ValueError(f"norm_fast backend {backend!r} runs on {device_type} tensors, "
+                             f"got a tensor on {t.device}")
+    return module()
