@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.9.0
 
-.PHONY: venv test bench cuda-check clean
+.PHONY: venv test bench bench-suite gpu-check cuda-check clean
 
 $(VENV)/.ready: pyproject.toml setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -28,6 +28,14 @@ test: venv
 
 bench: venv
 	$(PY) -m benchmarks.run
+
+# The full pytest-benchmark suite (every path x shape x pass x dtype), JSON for --benchmark-compare.
+bench-suite: venv
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/pytest_benchmark.json
+
+# One prepared run for a lent GPU machine (no network): tests on CUDA, then benchmarks.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -118,39 +118,60 @@ def resolve_backend(backend: str, device_type: str) -> str:
 
 
 # --- cost model (DESIGN.md section 5) -------------------------------------------------
-# Multiply-adds of forward + backward. The direct form pays ~6 per expanded element and
-# channel; the decomposed form pays for the moments (C_s^2 P), the one residual
-# (C_t C_s P) and P-independent algebra (N C_t C_s^2). `_ELEMENTWISE` charges the
-# memory-bound passes over the N*C_t*P expanded elements (BatchNorm and MSE of the
-# literal path, square-and-reduce of the fused one) in multiply-add equivalents, and
-# `_DECOMPOSED_OVERHEAD` the fixed launch/algebra overhead; both were calibrated on the
-# measurements quoted in README.md.
-_ELEMENTWISE = {"cpu": 8.0, "cuda": 40.0}
-_DECOMPOSED_OVERHEAD = {"cpu": 1.0, "cuda": 1.0}
+# Multiply-adds of one forward + backward, per candidate:
+#   literal     6 N C_t C_s P (expand, contract, their backward) plus the memory-bound
+#               passes over the N C_t P expanded elements (BatchNorm, MSE, the repeated
+#               teacher), charged `_EXPANDED_PASS` multiply-add equivalents per element;
+#   direct      the fused pass and its chunked recompute (4 N C_t C_s P) plus the folded
+#               C_s x C_s maps (5 N C_t C_s^2: the contraction K = W2 A and the BatchNorm
+#               statistics) and the moments and features (5 C_s^2 P);
+#   decomposed  5 N C_t C_s^2 + 5 C_s^2 P + 3 C_t C_s P, independent of N in its P part.
+# Calibrated on this project's CPU measurements (README "Choosing the algorithm"): the
+# three GEMM-bound forms run at about the same multiply-add rate there, and the literal
+# form's expanded passes cost about 250 multiply-adds per element. The literal form is a
+# candidate only for backend="auto" and only while its expanded tensors stay small.
+_EXPANDED_PASS = {"cpu": 250.0, "cuda": 250.0}
+LITERAL_MEMORY_LIMIT = 2**30   # bytes of expanded tensors the literal form may allocate
+_LITERAL_COPIES = 5            # expanded tensors the literal forward + backward holds
 
 
-def cost_model(B: int, C_s: int, C_t: int, H: int, W: int, n: int, device_type: str,
-               batchnorm: bool = True) -> Dict[str, float]:
-    """Estimated relative costs of the two algorithms for one forward + backward."""
+def cost_model(B: int, C_s: int, C_t: int, H: int, W: int, n: int,
+               device_type: str) -> Dict[str, float]:
+    """Estimated multiply-add equivalents of one forward + backward per algorithm."""
     P = B * H * W
-    e = _ELEMENTWISE.get(device_type, 8.0)
-    direct = 6.0 * n * C_t * C_s * P + e * n * C_t * P
-    decomposed = (5.0 * C_s * C_s * P + 3.0 * C_t * C_s * P + 5.0 * n * C_t * C_s * C_s
-                  + e * (C_t + C_s) * P) * _DECOMPOSED_OVERHEAD.get(device_type, 1.0)
-    return {"direct": direct, "decomposed": decomposed}
+    NC = n * C_t
+    return {
+        "literal": 6.0 * NC * C_s * P + _EXPANDED_PASS.get(device_type, 250.0) * NC * P,
+        "direct": 4.0 * NC * C_s * P + 5.0 * NC * C_s * C_s + 5.0 * C_s * C_s * P,
+        "decomposed": 5.0 * NC * C_s * C_s + 5.0 * C_s * C_s * P + 3.0 * C_t * C_s * P,
+    }
 
 
 def resolve(backend: str, algorithm: str, device_type: str, B: int, C_s: int, C_t: int,
             H: int, W: int, n: int) -> Tuple[str, str]:
-    """(concrete backend, concrete algorithm) for tensors of the given sizes."""
+    """(concrete backend, concrete algorithm) for tensors of the given sizes.
+
+    ("torch", "direct") is the literal computation. With backend="auto" and
+    algorithm="auto" it competes with the fused forms wherever its expanded tensors fit
+    `LITERAL_MEMORY_LIMIT` (small maps with wide channels: there, folding the FT into
+    C_s x C_s maps costs more than expanding P positions).
+    """
     check_algorithm(algorithm)
     requested = backend
     backend = resolve_backend(backend, device_type)
-    if algorithm == "auto":
-        if requested == "torch":
-            # An explicit backend="torch" is the oracle: the literal computation.
-            algorithm = "direct"
-        else:
-            cost = cost_model(B, C_s, C_t, H, W, n, device_type)
-            algorithm = "decomposed" if cost["decomposed"] < cost["direct"] else "direct"
-    return backend, algorithm
+    if algorithm != "auto":
+        return backend, algorithm
+    if requested == "torch":
+        return "torch", "direct"   # an explicit backend="torch" is the oracle
+    cost = cost_model(B, C_s, C_t, H, W, n, device_type)
+    if backend == "torch":
+        cost["direct"] = cost["literal"]   # the torch backend's direct form is the literal one
+    expanded_bytes = _LITERAL_COPIES * 4 * n * C_t * B * H * W
+    if requested != "auto" or expanded_bytes > LITERAL_MEMORY_LIMIT:
+        cost.pop("literal")
+    choice = min(cost, key=cost.get)
+    if choice == "literal":
+        return "torch", "direct"
+    if backend == "torch" and choice == "direct" and expanded_bytes > LITERAL_MEMORY_LIMIT:
+        choice = "decomposed"   # never the literal form past the memory limit
+    return backend, choice
