@@ -18,7 +18,11 @@ import os
 import shutil
 import threading
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
+
+from torch import Tensor
+
+from .torch_ops import DEFAULT_CHUNK_BYTES
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CSRC = os.path.join(_REPO, "csrc")
@@ -159,3 +163,39 @@ def checked_module(device_type: str, backend: str, *tensors) -> ModuleType:
             raise ValueError(f"norm_fast backend {backend!r} runs on {device_type} tensors, "
                              f"got a tensor on {t.device}")
     return module()
+
+
+class KernelSet:
+    """The contract functions of `torch_ops` (and `available`) on one device of the
+    extension: `cpp_backend` and `cuda_backend` expose one instance each as a module."""
+
+    def __init__(self, device: str, name: str):
+        self.device, self.name = device, name
+
+    def available(self) -> Tuple[bool, str]:
+        return available(self.device)
+
+    def moments(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        return tuple(checked_module(self.device, self.name, x).moments(x))
+
+    def moments_backward(self, x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
+                         grad_cov: Optional[Tensor]) -> Tensor:
+        ext = checked_module(self.device, self.name, x, mean, grad_mean, grad_cov)
+        return ext.moments_backward(x, mean, grad_mean, grad_cov)
+
+    def expand_mse_forward(self, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
+                           shift: Optional[Tensor], n: int, store_error: bool,
+                           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tuple[Tensor, Tensor]:
+        if store_error and n != 1:
+            raise ValueError(f"store_error needs n == 1 (one residual), got n={n}")
+        ext = checked_module(self.device, self.name, x, t, a, b, shift)
+        return tuple(ext.expand_mse_forward(x, t, a, b, shift, int(n), bool(store_error),
+                                            int(chunk_bytes)))
+
+    def expand_mse_backward(self, grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
+                            shift: Optional[Tensor], n: int, err: Optional[Tensor],
+                            grad_mask: List[bool],
+                            chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tuple[Tensor, ...]:
+        ext = checked_module(self.device, self.name, x, t, a, b, shift, err)
+        return tuple(ext.expand_mse_backward(grad, x, t, a, b, shift, int(n), err,
+                                             [bool(m) for m in grad_mask], int(chunk_bytes)))
