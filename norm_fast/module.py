@@ -191,7 +191,7 @@ class NORM(nn.Module):
             AS = W1S_local if bn1 is None else a1[:, None] * W1S_local
             spread, Abar, D = algebra.matrix_spread(A, AS, n)
 
-        # Contraction + BN + residual: features = (M + I) X + m  (DESIGN.md s.3).
+        # Contraction + BN folded into one C_s x C_s map: features = M X + m (+ X) (s.3).
         K = W2 @ A                                               # C_s x C_s
         if bn2 is None:
             M, m = K, W2 @ b

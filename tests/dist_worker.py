@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,11 +24,11 @@ def data(step: int):
     return f_s, f_t, g
 
 
-def make_module(algorithm: str, sync: bool) -> NORM:
+def make_module(algorithm: str, sync: bool, group=None) -> NORM:
     B, C_s, C_t, H, W, n = SHAPE
     torch.manual_seed(0)
     mod = NORM(C_s, C_t, n, backend="torch", algorithm=algorithm, detach_teacher=True,
-               sync_batchnorm=sync).double()
+               sync_batchnorm=sync, process_group=group).double()
     with torch.no_grad():
         for bn in (mod.expand_bn, mod.contract_bn):
             bn.weight.uniform_(0.5, 1.5)
@@ -47,11 +48,16 @@ def run_single(algorithm: str):
     return losses, {k: p.grad for k, p in mod.named_parameters()}, dict(mod.named_buffers())
 
 
-def worker(rank: int, world: int, init_file: str, mode: str, algorithm: str, out: str):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+def worker(rank: int, world: int, init_method: str, mode: str, algorithm: str, out: str):
+    # A finite timeout: a lost peer fails the test in a minute instead of hanging CI.
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     try:
-        mod = make_module(algorithm, sync=(mode == "flag"))
+        # Under DDP on gloo, the statistics get their own process group: gloo matches
+        # collectives by issue order per group, and DDP's gradient buckets are reduced
+        # asynchronously, interleaving with the moments' backward reduction otherwise.
+        group = dist.new_group(backend="gloo") if mode == "flag" else None
+        mod = make_module(algorithm, sync=(mode == "flag"), group=group)
         if mode == "convert":
             mod = nn.SyncBatchNorm.convert_sync_batchnorm(mod)
             model = mod
