@@ -65,3 +65,21 @@ def global_moments(mean: Tensor, cov: Tensor, count: int, group=None
 def group_of(module, default: Optional[object]) -> Optional[object]:
     """The process group of an nn.SyncBatchNorm, else `default`."""
     return getattr(module, "process_group", None) or default
+
+
+def statistics_group(owner, group):
+    """The group to reduce the statistics in: `group` if given, else a dedicated one.
+
+    gloo pairs collectives by their issue order within a group. Under DDP the gradient
+    buckets are all-reduced asynchronously while the backward of the moments' reduction
+    runs, so on one shared group the two can pair up differently on different ranks and
+    hang (seen in testing, about 1 run in 6). The statistics therefore get a group of their
+    own, created once, collectively, on the first synchronised forward (which every rank
+    runs) and kept on `owner`. NCCL orders collectives on its stream: there the default
+    group is used as is.
+    """
+    if group is not None or dist.get_backend() != "gloo":
+        return group
+    if getattr(owner, "_stats_group", None) is None:
+        owner._stats_group = dist.new_group(backend="gloo")
+    return owner._stats_group

@@ -117,7 +117,7 @@ class NORM(nn.Module):
         group = distributed.group_of(bn, self.process_group)
         if distributed.sync_world_size(group) <= 1:
             return None
-        return (group,)
+        return (distributed.statistics_group(self, group),)
 
     def _fast_forward(self, f_s: Tensor, f_t: Optional[Tensor], backend: str, algorithm: str,
                       sync=None):

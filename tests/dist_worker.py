@@ -53,11 +53,9 @@ def worker(rank: int, world: int, init_method: str, mode: str, algorithm: str, o
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        # Under DDP on gloo, the statistics get their own process group: gloo matches
-        # collectives by issue order per group, and DDP's gradient buckets are reduced
-        # asynchronously, interleaving with the moments' backward reduction otherwise.
-        group = dist.new_group(backend="gloo") if mode == "flag" else None
-        mod = make_module(algorithm, sync=(mode == "flag"), group=group)
+        # The default group, under DDP: NORM reduces its statistics in a dedicated gloo
+        # group of its own (distributed.statistics_group), so this must not hang.
+        mod = make_module(algorithm, sync=(mode == "flag"))
         if mode == "convert":
             mod = nn.SyncBatchNorm.convert_sync_batchnorm(mod)
             model = mod
