@@ -69,7 +69,7 @@ def main():
             ref = ms if ref is None else ref
             cells.append(f"{ms:.0f} ({ref / ms:.2f}x)")
         auto = NORM(C_s, C_t, N).resolve(f_s)
-        auto = "reference" if auto == ("torch", "direct") else "/".join(auto)
+        auto = "reference" if auto.literal else f"{auto.backend}/{auto.algorithm}"
         print(f"| {name} | {B} | {C_t}->{C_s} | {H}x{W} | " + " | ".join(cells) + f" | {auto} |",
               flush=True)
 

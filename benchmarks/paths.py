@@ -131,6 +131,8 @@ def resolved(path: PathSpec, shape: Shape, device_type: str) -> Tuple[str, str]:
     """The (backend, algorithm) that actually runs for this path at this shape."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return dispatch.resolve(path.backend, path.algorithm, device_type, shape.batch,
+        plan = dispatch.resolve(path.backend, path.algorithm, device_type, shape.batch,
                                 shape.student_channels, shape.teacher_channels,
                                 shape.height, shape.width, shape.n)
+    # "literal" is reported as the ("torch", "direct") pair the results have always used
+    return plan.backend, ("direct" if plan.literal else plan.algorithm)

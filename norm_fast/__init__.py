@@ -7,10 +7,10 @@
 from . import functional
 from .dispatch import ALGORITHMS, BACKENDS
 from .functional import match_spatial, norm_loss
-from .merge import ft_affine, merge_into
+from .fold import ft_affine, merge_into
 from .module import NORM
 from .schedule import norm_weight
-from .attach import attach, merge  # after .merge: the function shadows the submodule name
+from .attach import attach, merge
 
 __all__ = ["NORM", "functional", "norm_loss", "match_spatial", "merge_into", "ft_affine",
            "BACKENDS", "ALGORITHMS", "attach", "merge", "norm_weight"]

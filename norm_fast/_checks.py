@@ -5,6 +5,7 @@ naming what was expected and what was received. Nothing is broadcast silently.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -14,27 +15,37 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SEGMENT_REDUCTIONS = ("sum", "mean")
 
 
-def check_n(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"n must be a positive int, got {type(n).__name__} {n!r}")
-    if n <= 0:
-        raise ValueError(f"n must be a positive int, got {n}")
-    return n
-
-
-def check_channels(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+def check_positive_int(name: str, value) -> int:
+    """A positive integral number (int, numpy integer, 0-dim integer tensor), as an int."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a positive int, got bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} "
+                        f"{value!r}") from None
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
     return value
 
 
+def check_n(n) -> int:
+    return check_positive_int("n", n)
+
+
+def check_channels(name: str, value) -> int:
+    return check_positive_int(name, value)
+
+
+def check_choice(name: str, value, choices) -> str:
+    """`value` must be one of `choices` (strings)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
 def check_reduction(segment_reduction: str) -> str:
-    if segment_reduction not in SEGMENT_REDUCTIONS:
-        raise ValueError(
-            f"segment_reduction must be one of {SEGMENT_REDUCTIONS}, got {segment_reduction!r}")
-    return segment_reduction
+    return check_choice("segment_reduction", segment_reduction, SEGMENT_REDUCTIONS)
 
 
 def check_feature_map(name: str, x, channels: Optional[int] = None) -> Tensor:

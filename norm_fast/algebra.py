@@ -3,7 +3,7 @@
 With X (C_s x P) the student positions, only the moments of X (mean, covariance) and one
 pass of `expand_mse` touch P; the Feature Transform enters through C_s x C_s and
 N*C_t x C_s matrices (DESIGN.md sections 3-4). Autograd differentiates this algebra
-exactly; the P-sized ops bring their own backward (`library.py`).
+exactly; the P-sized ops bring their own backward (`custom_ops.py`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import library
+from . import custom_ops
 
 
 @dataclass
@@ -182,12 +182,12 @@ def decomposed_sq_sum(x: Tensor, t: Tensor, Abar: Tensor, b: Tensor, xbar: Tenso
     d = b2 - bbar
     if delta is not None:
         d = d + D @ delta
-    resid, _ = library.expand_mse(x, t, Abar, bbar, xbar, 1, True, backend)
+    resid, _ = custom_ops.expand_mse(x, t, Abar, bbar, xbar, 1, True, backend)
     return (B * L) * (spread + d.square().sum()) + n * resid
 
 
 def direct_sq_sum(x: Tensor, t: Tensor, A: Tensor, b: Tensor, xbar: Optional[Tensor], n: int,
                   backend: str) -> Tensor:
     """sum_i ||A_i (X - xbar) + b_i - T||^2 by the fused direct pass (xbar None: uncentred)."""
-    sq, _ = library.expand_mse(x, t, A, b, xbar, n, False, backend)
+    sq, _ = custom_ops.expand_mse(x, t, A, b, xbar, n, False, backend)
     return sq

@@ -1,71 +1,86 @@
-"""The one place that chooses a backend (which kernels) and an algorithm (which math).
+"""The one place that chooses which kernels run (backend) and which math (algorithm).
 
-Backends (kernel sets with the contract of `norm_fast/ops/torch_ops.py`):
-    "torch"   eager PyTorch. With algorithm "direct" this is the literal reference
-              (`reference.py`, the oracle); with "decomposed", the decomposed algebra in
-              PyTorch ops.
-    "triton"  fused Triton kernels (CUDA tensors; CPU tensors through the interpreter).
-    "cpp"     C++ extension, CPU tensors.       "cuda"  CUDA C++ extension, CUDA tensors.
-    "auto"    the fastest available for the device (never the Triton interpreter).
-Algorithms (DESIGN.md sections 4-5):
-    "direct"      expand every segment and compare it with the teacher, tile by tile;
-    "decomposed"  mean-plus-spread: cost independent of N;
-    "auto"        the cheaper of the two under `cost_model`.
-Adding a backend is one entry in `_KERNEL_MODULES` (and its device rule in `_DEVICE_RULES`).
+`resolve(...)` is entered once per forward, from `NORM.forward` or `norm_loss`, and returns
+an immutable `Plan`; the caller branches on `plan.algorithm` once:
+
+    "literal"     the reference computation (`reference.py`): expand, BatchNorm, compare
+                  with N teacher copies. Only the eager kernel set runs it.
+    "direct"      the FT folded into small maps (docs/design.md section 3), then one fused
+                  expand + N-segment MSE pass over the positions (section 5, last part);
+    "decomposed"  mean plus spread (section 4): P-sized work independent of N.
+
+Kernel sets (objects with the op contract of `norm_fast/ops/spec.py`) are registered in
+`REGISTRY`, name -> (kernel set, device types it runs on):
+
+    "torch"   eager PyTorch (`ops/eager.py`); with algorithm "direct" (or "auto") this is
+              the literal reference, the oracle;
+    "triton"  fused Triton kernels (`ops/triton/`): CUDA tensors, or CPU tensors through
+              Triton's interpreter (exact, slow: for tests);
+    "cpp"     the C++ extension's CPU kernels;  "cuda"  its CUDA kernels (`ops/extension.py`);
+    "auto"    the fastest available for the device (never the interpreter).
+
+`custom_ops.py` receives the plan's backend name and looks the kernel set up in
+`REGISTRY`: a dictionary read, not a second decision. The environment variables
+NORM_FAST_BACKEND and NORM_FAST_ALGORITHM, when set, replace the arguments everywhere
+(for forcing a path without editing code); they are validated like the arguments.
 """
 from __future__ import annotations
 
-import importlib
+import os
 import warnings
-from types import ModuleType
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Tuple
 
 import torch
+
+from . import _checks
+from .ops import eager, extension
+from .ops.triton import KERNELS as TRITON_KERNELS
 
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 ALGORITHMS = ("auto", "direct", "decomposed")
 
-_KERNEL_MODULES: Dict[str, str] = {
-    "torch": "norm_fast.ops.torch_ops",
-    "triton": "norm_fast.ops.triton_backend",
-    "cpp": "norm_fast.ops.cpp_backend",
-    "cuda": "norm_fast.ops.cuda_backend",
-}
-# Device types each backend can run on.
-_DEVICE_RULES: Dict[str, Tuple[str, ...]] = {
-    "torch": ("cpu", "cuda"),
-    "triton": ("cpu", "cuda"),   # cpu = Triton's interpreter: exact but slow, for testing
-    "cpp": ("cpu",),
-    "cuda": ("cuda",),
+# name -> (kernel set, device types it runs on). "cpu" for triton = its interpreter.
+REGISTRY: Dict[str, Tuple[Any, Tuple[str, ...]]] = {
+    "torch": (eager, ("cpu", "cuda")),
+    "triton": (TRITON_KERNELS, ("cpu", "cuda")),
+    "cpp": (extension.CPP, ("cpu",)),
+    "cuda": (extension.CUDA, ("cuda",)),
 }
 # Preference order of "auto" per device type (first available wins).
-_AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
+AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpp", "torch"),
 }
+ENV_BACKEND, ENV_ALGORITHM = "NORM_FAST_BACKEND", "NORM_FAST_ALGORITHM"
 
 _warned: set = set()
 
 
-def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+@dataclass(frozen=True)
+class Plan:
+    """What one forward runs. backend: a concrete name in REGISTRY; algorithm: "literal",
+    "direct" or "decomposed"; kernels: the registered kernel set itself."""
+    backend: str
+    algorithm: str
+    kernels: Any
+
+    @property
+    def literal(self) -> bool:
+        return self.algorithm == "literal"
 
 
-def check_algorithm(algorithm: str) -> str:
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    return algorithm
+def check_backend(backend: str, what: str = "backend") -> str:
+    return _checks.check_choice(what, backend, BACKENDS)
 
 
-def _probe(backend: str) -> Tuple[bool, str]:
-    try:
-        mod = importlib.import_module(_KERNEL_MODULES[backend])
-    except Exception as exc:  # import errors of optional dependencies
-        return False, f"{type(exc).__name__}: {exc}"
-    available = getattr(mod, "available", None)
-    return available() if available is not None else (True, "")
+def check_algorithm(algorithm: str, what: str = "algorithm") -> str:
+    return _checks.check_choice(what, algorithm, ALGORITHMS)
+
+
+def devices_of(backend: str) -> Tuple[str, ...]:
+    """Device types a concrete backend runs on."""
+    return REGISTRY[backend][1]
 
 
 _availability: Dict[str, Tuple[bool, str]] = {}
@@ -74,16 +89,24 @@ _availability: Dict[str, Tuple[bool, str]] = {}
 def is_available(backend: str) -> Tuple[bool, str]:
     """(available, reason) for a concrete backend; probed once per process."""
     if backend not in _availability:
-        _availability[backend] = _probe(backend)
+        try:
+            _availability[backend] = REGISTRY[backend][0].available()
+        except Exception as exc:  # a broken optional dependency must not break imports
+            _availability[backend] = (False, f"{type(exc).__name__}: {exc}")
     return _availability[backend]
 
 
-def kernels(backend: str) -> ModuleType:
-    """The kernel module of a concrete backend (raises RuntimeError if unavailable)."""
-    ok, why = is_available(backend)
-    if not ok:
-        raise RuntimeError(f"norm_fast backend {backend!r} is not available: {why}")
-    return importlib.import_module(_KERNEL_MODULES[backend])
+@torch.compiler.assume_constant_result
+def _overrides(backend: str, algorithm: str) -> Tuple[str, str]:
+    """The arguments, replaced by NORM_FAST_BACKEND / NORM_FAST_ALGORITHM when set.
+    A constant of the graph under torch.compile (read at trace time)."""
+    env_b = os.environ.get(ENV_BACKEND, "").strip()
+    env_a = os.environ.get(ENV_ALGORITHM, "").strip()
+    if env_b:
+        backend = check_backend(env_b, f"environment variable {ENV_BACKEND}")
+    if env_a:
+        algorithm = check_algorithm(env_a, f"environment variable {ENV_ALGORITHM}")
+    return backend, algorithm
 
 
 @torch.compiler.assume_constant_result
@@ -94,17 +117,16 @@ def resolve_backend(backend: str, device_type: str) -> str:
     it runs once at trace time and its answer is a constant of the graph."""
     check_backend(backend)
     if backend != "auto":
-        if device_type not in _DEVICE_RULES[backend]:
-            raise ValueError(f"backend {backend!r} runs on {_DEVICE_RULES[backend]} tensors, "
+        if device_type not in devices_of(backend):
+            raise ValueError(f"backend {backend!r} runs on {devices_of(backend)} tensors, "
                              f"got {device_type} tensors")
         ok, why = is_available(backend)
         if not ok:
             raise RuntimeError(f"norm_fast backend {backend!r} was requested but is not "
                                f"available: {why}")
         return backend
-    order = _AUTO_ORDER.get(device_type, ("torch",))
     skipped = []
-    for name in order:
+    for name in AUTO_ORDER.get(device_type, ("torch",)):
         ok, why = is_available(name)
         if ok:
             if skipped and name == "torch" and device_type not in _warned:
@@ -117,7 +139,7 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return "torch"
 
 
-# --- cost model (DESIGN.md section 5) -------------------------------------------------
+# --- cost model (docs/design.md section 5) --------------------------------------------
 # Multiply-adds of one forward + backward, per candidate:
 #   literal     6 N C_t C_s P (expand, contract, their backward) plus the memory-bound
 #               passes over the N C_t P expanded elements (BatchNorm, MSE, the repeated
@@ -147,31 +169,41 @@ def cost_model(B: int, C_s: int, C_t: int, H: int, W: int, n: int,
     }
 
 
-def resolve(backend: str, algorithm: str, device_type: str, B: int, C_s: int, C_t: int,
-            H: int, W: int, n: int) -> Tuple[str, str]:
-    """(concrete backend, concrete algorithm) for tensors of the given sizes.
-
-    ("torch", "direct") is the literal computation. With backend="auto" and
-    algorithm="auto" it competes with the fused forms wherever its expanded tensors fit
-    `LITERAL_MEMORY_LIMIT` (small maps with wide channels: there, folding the FT into
-    C_s x C_s maps costs more than expanding P positions).
-    """
-    check_algorithm(algorithm)
-    requested = backend
-    backend = resolve_backend(backend, device_type)
+def _choose_algorithm(requested: str, backend: str, algorithm: str, device_type: str,
+                      B: int, C_s: int, C_t: int, H: int, W: int, n: int) -> str:
+    """The algorithm of the plan: "literal", "direct" or "decomposed"."""
+    if backend == "torch" and algorithm in ("direct", "auto") and (
+            algorithm == "direct" or requested == "torch"):
+        return "literal"      # the torch backend's direct form is the literal reference
     if algorithm != "auto":
-        return backend, algorithm
-    if requested == "torch":
-        return "torch", "direct"   # an explicit backend="torch" is the oracle
+        return algorithm
     cost = cost_model(B, C_s, C_t, H, W, n, device_type)
     if backend == "torch":
-        cost["direct"] = cost["literal"]   # the torch backend's direct form is the literal one
+        cost["direct"] = cost["literal"]
     expanded_bytes = _LITERAL_COPIES * 4 * n * C_t * B * H * W
     if requested != "auto" or expanded_bytes > LITERAL_MEMORY_LIMIT:
         cost.pop("literal")
     choice = min(cost, key=cost.get)
-    if choice == "literal":
-        return "torch", "direct"
-    if backend == "torch" and choice == "direct" and expanded_bytes > LITERAL_MEMORY_LIMIT:
-        choice = "decomposed"   # never the literal form past the memory limit
-    return backend, choice
+    if backend == "torch" and choice == "direct":
+        # never the literal form past the memory limit
+        return "literal" if expanded_bytes <= LITERAL_MEMORY_LIMIT else "decomposed"
+    return choice
+
+
+def resolve(backend: str, algorithm: str, device_type: str, B: int, C_s: int, C_t: int,
+            H: int, W: int, n: int) -> Plan:
+    """The plan for tensors of the given sizes.
+
+    With backend="auto" and algorithm="auto" the literal form competes with the fused
+    forms wherever its expanded tensors fit `LITERAL_MEMORY_LIMIT` (small maps with wide
+    channels: there, folding the FT into C_s x C_s maps costs more than expanding P
+    positions). An explicit backend="torch" with algorithm "direct" or "auto" is the
+    literal reference.
+    """
+    backend, algorithm = _overrides(check_backend(backend), check_algorithm(algorithm))
+    requested = backend
+    backend = resolve_backend(backend, device_type)
+    chosen = _choose_algorithm(requested, backend, algorithm, device_type, B, C_s, C_t, H, W, n)
+    if chosen == "literal":
+        backend = "torch"
+    return Plan(backend, chosen, REGISTRY[backend][0])

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, algebra, dispatch, library
-from .ops.torch_ops import compute_dtype
+from . import _checks, algebra, dispatch, custom_ops
+from .ops.spec import compute_dtype
 from .reference import reference_norm_loss
 
 
@@ -36,9 +36,9 @@ def norm_loss(f_s: Tensor, f_t: Tensor, weight: Tensor, n: int, *,
         raise ValueError(f"weight must have shape {expected} or {expected + (1, 1)} "
                          f"(n*C_t, C_s), got {tuple(weight.shape)}")
     _checks.check_param_compat(f_s, weight, "weight")
-    backend, algorithm = dispatch.resolve(backend, algorithm, f_s.device.type, B, C_s, C_t,
-                                          H, W, n)
-    if backend == "torch" and algorithm == "direct":
+    plan = dispatch.resolve(backend, algorithm, f_s.device.type, B, C_s, C_t, H, W, n)
+    backend, algorithm = plan.backend, plan.algorithm
+    if plan.literal:
         return reference_norm_loss(f_s, f_t, weight, n, segment_reduction)
     dev = f_s.device.type
     with torch.autocast(dev, enabled=False):
@@ -49,7 +49,7 @@ def norm_loss(f_s: Tensor, f_t: Tensor, weight: Tensor, n: int, *,
             sq = algebra.direct_sq_sum(x, t, A, A.new_zeros(n * C_t), None, n, backend)
         else:
             # Without BatchNorm: Y_i = W_i X = W_i (X - xbar) + W_i xbar (DESIGN.md s.4).
-            xbar, S = library.moments(x, backend)
+            xbar, S = custom_ops.moments(x, backend)
             spread, Abar, _ = algebra.matrix_spread(A, A @ S, n)
             sq = algebra.decomposed_sq_sum(x, t, Abar, A @ xbar, xbar, spread, n, backend)
         loss = sq / (C_t * B * H * W)

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, algebra, dispatch, distributed, library
-from .ops.torch_ops import compute_dtype
+from . import _checks, algebra, dispatch, distributed, custom_ops
+from .ops.spec import compute_dtype
 from .reference import reference_forward
 
 
@@ -83,8 +83,8 @@ class NORM(nn.Module):
                 f"backend={self.backend!r}, algorithm={self.algorithm!r}")
 
     # -------------------------------------------------------------------------------------
-    def resolve(self, f_s: Tensor) -> Tuple[str, str]:
-        """The (backend, algorithm) this module would run for `f_s`."""
+    def resolve(self, f_s: Tensor) -> dispatch.Plan:
+        """The `dispatch.Plan` (backend, algorithm, kernels) this module runs for `f_s`."""
         B, C_s, H, W = f_s.shape
         return dispatch.resolve(self.backend, self.algorithm, f_s.device.type, B, C_s,
                                 self.teacher_channels, H, W, self.n)
@@ -99,13 +99,14 @@ class NORM(nn.Module):
         if self.training and self.batchnorm and f_s.shape[0] * f_s.shape[2] * f_s.shape[3] == 1:
             raise ValueError("BatchNorm in training mode needs more than 1 value per channel, "
                              f"got f_s of shape {tuple(f_s.shape)}")
-        backend, algorithm = self.resolve(f_s)
+        plan = self.resolve(f_s)
         sync = self._sync_group()
-        if backend == "torch" and algorithm == "direct" and sync is None:
+        if plan.literal and sync is None:
             return reference_forward(self, f_s, f_t)
         # (Synchronised statistics take the moments route even for the literal choice:
         # nn.SyncBatchNorm itself cannot run on CPU tensors.)
-        return self._fast_forward(f_s, f_t, backend, algorithm, sync)
+        algorithm = "direct" if plan.literal else plan.algorithm
+        return self._fast_forward(f_s, f_t, plan.backend, algorithm, sync)
 
     def _sync_group(self):
         """None, or a 1-tuple holding the process group whose global batch sets the stats."""
@@ -149,7 +150,7 @@ class NORM(nn.Module):
         xbar = S = delta = S_local = None
         count = P
         if need_cov:
-            xbar, S = library.moments(x, backend)
+            xbar, S = custom_ops.moments(x, backend)
             S_local = S
             if sync is not None:
                 local_mean = xbar
@@ -279,5 +280,5 @@ class NORM(nn.Module):
 
     def merge_into(self, fc: nn.Linear) -> nn.Linear:
         """A new classifier equal, in eval mode, to `fc` applied after the FT (DESIGN.md s.2)."""
-        from .merge import merge_into
+        from .fold import merge_into
         return merge_into(self, fc)

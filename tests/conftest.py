@@ -13,7 +13,7 @@ def paths_for(device: str):
     """(backend, algorithm) pairs that can run on `device` here, the literal one first."""
     out = [("torch", "direct"), ("torch", "decomposed")]
     for backend in ("triton", "cpp", "cuda"):
-        if device not in dispatch._DEVICE_RULES[backend]:
+        if device not in dispatch.devices_of(backend):
             continue
         if dispatch.is_available(backend)[0]:
             out += [(backend, "direct"), (backend, "decomposed")]

@@ -1,6 +1,6 @@
-"""The C++ ("cpp") and CUDA ("cuda") kernel sets against the contract, torch_ops.
+"""The C++ ("cpp") and CUDA ("cuda") kernel sets against the contract, eager.
 
-Every function of the extension backends is compared with norm_fast/ops/torch_ops.py
+Every function of the extension backends is compared with norm_fast/ops/eager.py
 on the same inputs: float64 to a relative 1e-10, float32 to 1e-5 (both norm-wise), on
 shapes chosen to catch tiling and chunking bugs (channel counts that are not powers of
 two, below and above the CPU's 64-channel transpose tile and 128-row covariance panel;
@@ -22,8 +22,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from norm_fast.ops import _extension, cpp_backend, cuda_backend
-from norm_fast.ops import torch_ops as T
+from norm_fast.ops import eager as T
+from norm_fast.ops import extension as _extension
+
+cpp_backend, cuda_backend = _extension.CPP, _extension.CUDA
 
 BACKENDS = {"cpp": (cpp_backend, "cpu"), "cuda": (cuda_backend, "cuda")}
 CONTRACT = ("moments", "moments_backward", "expand_mse_forward", "expand_mse_backward")

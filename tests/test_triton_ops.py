@@ -10,13 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from norm_fast.ops import torch_ops
+from norm_fast.ops import eager as torch_ops
+from norm_fast.ops.triton import KERNELS as triton_backend
 
-triton_backend = pytest.importorskip("norm_fast.ops.triton_backend")
 if not triton_backend.available()[0]:
     pytest.skip(triton_backend.available()[1], allow_module_level=True)
 
-from norm_fast.ops import _triton_launch, expand_mse, moments as moments_mod  # noqa: E402
+from norm_fast.ops.triton import expand_mse, moments as moments_mod  # noqa: E402
+from norm_fast.ops.triton import launch as _triton_launch  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HW = {1: (1, 1), 15: (3, 5), 49: (7, 7)}

@@ -1,8 +1,6 @@
-"""Pure-PyTorch implementations of the P-sized NORM ops (the ``"torch"`` kernel set).
-
-These functions are the contract every kernel backend (Triton, C++, CUDA) implements
-with the same signatures and semantics; `norm_fast/library.py` wraps them as
-differentiable `torch.library` custom ops.  All sizes below use
+"""The eager PyTorch kernel set (``backend="torch"``): the op contract of
+`norm_fast/ops/spec.py` written out in plain PyTorch, the reading copy every other kernel
+set is tested against. All sizes below use
 
     x : (B, C_s, L)   student positions (a view of f_s (B, C_s, H, W), any strides)
     t : (B, C_t, L)   teacher positions
@@ -13,7 +11,7 @@ differentiable `torch.library` custom ops.  All sizes below use
 
 The expanded error of segment i at position p is
     E_i[:, p] = a_i @ (x[:, p] - shift) + b_i - t[:, p]          (C_t)
-and `expand_mse` returns  sum_i ||E_i||^2  over all positions (DESIGN.md section 4).
+and `expand_mse` returns  sum_i ||E_i||^2  over all positions (docs/design.md section 4).
 
 Accumulation is in the *compute dtype*: float64 for float64 inputs, float32 otherwise.
 Memory: the direct form never holds more than `chunk_bytes` of expanded error at once
@@ -26,13 +24,12 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-# Upper bound on the expanded-error chunk held at once by the direct path (bytes).
-DEFAULT_CHUNK_BYTES = 64 * 2**20
+from .spec import DEFAULT_CHUNK_BYTES, compute_dtype
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype accumulates in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def available() -> Tuple[bool, str]:
+    """Always available: plain PyTorch ops on any device."""
+    return True, f"torch {torch.__version__}"
 
 
 def _batch_chunks(B: int, row_elems: int, itemsize: int, chunk_bytes: int):
@@ -61,7 +58,7 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Mean (C,) and biased covariance (C, C) of x (B, C, L) over its B*L positions.
 
     Two passes (mean, then the centred product), so the covariance does not cancel when
-    the mean is large against the spread (post-ReLU features; DESIGN.md section 3).
+    the mean is large against the spread (post-ReLU features; docs/design.md section 3).
     """
     cdt = compute_dtype(x.dtype)
     B, C, L = x.shape

@@ -1,6 +1,6 @@
 """Triton kernels of the expand+MSE op: sum_i ||a_i (x - shift) + b_i - t||^2.
 
-Contract: `norm_fast/ops/torch_ops.py` (same signatures, returns, dtypes). Sizes:
+Contract: `norm_fast/ops/spec.py`, written out in `norm_fast/ops/eager.py` (same signatures, returns, dtypes). Sizes:
 
     x : (B, C_s, L) any strides     t : (B, C_t, L) any strides     P = B * L
     a : (n*C_t, C_s)                b : (n*C_t,)                    shift : (C_s,) or None
@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _triton_launch as tlaunch
-from .torch_ops import DEFAULT_CHUNK_BYTES, compute_dtype
+from . import launch as tlaunch
+from ..spec import DEFAULT_CHUNK_BYTES, compute_dtype
 
 
 # ---------------------------------------------------------------------------------------

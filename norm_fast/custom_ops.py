@@ -2,10 +2,11 @@
 
 Registering them as custom ops (schema, fake implementation, autograd formula) makes
 them opaque-but-known to `torch.compile` (no graph break) and lets the backward itself be
-a custom op. Each op takes the concrete backend name and forwards to that backend's
-kernel module (`dispatch.kernels`), so every backend shares one autograd formula.
+a custom op. Each op takes the backend name of the caller's `dispatch.Plan` (a custom op
+cannot take a Python object) and calls that kernel set from `dispatch.REGISTRY`, so every
+backend shares one autograd formula.
 
-    moments(x, backend)            -> (mean (C,), cov (C, C))                   DESIGN.md s.3
+    moments(x, backend)            -> (mean (C,), cov (C, C))        docs/design.md s.3
     expand_mse(x, t, a, b, shift, n, store_error, backend)
                                    -> (sum_i ||a_i (x - shift) + b_i - t||^2, error or empty)
 """
@@ -16,15 +17,20 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import dispatch
-from .ops.torch_ops import compute_dtype
+from .dispatch import REGISTRY
+from .ops.spec import compute_dtype
+
+
+def _kernels(backend: str):
+    """The kernel set the plan named (availability was checked by `dispatch.resolve`)."""
+    return REGISTRY[backend][0]
 
 
 # --- moments ----------------------------------------------------------------------------
 @torch.library.custom_op("norm_fast::moments", mutates_args=())
 def moments(x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
     """x (B, C, L) -> mean (C,), biased covariance (C, C), in the compute dtype."""
-    mean, cov = dispatch.kernels(backend).moments(x)
+    mean, cov = _kernels(backend).moments(x)
     return mean, cov
 
 
@@ -38,7 +44,7 @@ def _moments_fake(x, backend):
 @torch.library.custom_op("norm_fast::moments_backward", mutates_args=())
 def moments_backward(x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
                      grad_cov: Optional[Tensor], backend: str) -> Tensor:
-    return dispatch.kernels(backend).moments_backward(x, mean, grad_mean, grad_cov)
+    return _kernels(backend).moments_backward(x, mean, grad_mean, grad_cov)
 
 
 @moments_backward.register_fake
@@ -69,7 +75,7 @@ def expand_mse(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tenso
     x (B, C_s, L), t (B, C_t, L), a (n*C_t, C_s), b (n*C_t,), shift (C_s,) or None.
     With store_error (n == 1) also returns the error (B, C_t, L); else an empty tensor.
     """
-    sq, err = dispatch.kernels(backend).expand_mse_forward(x, t, a, b, shift, n, store_error)
+    sq, err = _kernels(backend).expand_mse_forward(x, t, a, b, shift, n, store_error)
     return sq, err
 
 
@@ -85,7 +91,7 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
                         shift: Optional[Tensor], n: int, err: Optional[Tensor],
                         grad_mask: List[bool], backend: str
                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    out = dispatch.kernels(backend).expand_mse_backward(grad, x, t, a, b, shift, n, err,
+    out = _kernels(backend).expand_mse_backward(grad, x, t, a, b, shift, n, err,
                                                         list(grad_mask))
     # Custom-op outputs may not alias each other: give each unwanted gradient its own
     # empty tensor (kernel sets may share one).

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 
 from torch import Tensor
 
-from .torch_ops import DEFAULT_CHUNK_BYTES
+from .spec import DEFAULT_CHUNK_BYTES
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CSRC = os.path.join(_REPO, "csrc")
@@ -166,8 +166,8 @@ def checked_module(device_type: str, backend: str, *tensors) -> ModuleType:
 
 
 class KernelSet:
-    """The contract functions of `torch_ops` (and `available`) on one device of the
-    extension: `cpp_backend` and `cuda_backend` expose one instance each as a module."""
+    """The op contract (`norm_fast/ops/spec.py`) on one device of the extension: `CPP`
+    (csrc/cpu, CPU tensors) and `CUDA` (csrc/cuda, CUDA tensors) below."""
 
     def __init__(self, device: str, name: str):
         self.device, self.name = device, name
@@ -199,3 +199,8 @@ class KernelSet:
         ext = checked_module(self.device, self.name, x, t, a, b, shift, err)
         return tuple(ext.expand_mse_backward(grad, x, t, a, b, shift, int(n), err,
                                              [bool(m) for m in grad_mask], int(chunk_bytes)))
+
+
+# The two kernel sets of the extension, registered by name in `norm_fast/dispatch.py`.
+CPP = KernelSet("cpu", "cpp")
+CUDA = KernelSet("cuda", "cuda")

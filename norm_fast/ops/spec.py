@@ -1,0 +1,33 @@
+"""The op contract every kernel set implements, and the constants they share.
+
+A *kernel set* is an object with five members (the eager PyTorch one is
+`norm_fast/ops/eager.py`, the reading copy of this contract; the others are
+`norm_fast/ops/triton/` and the C++/CUDA extension in `norm_fast/ops/extension.py`):
+
+    available()                                   -> (bool, reason)
+    moments(x)                                    -> (mean (C,), cov (C, C))
+    moments_backward(x, mean, grad_mean, grad_cov)-> dx (B, C, L)
+    expand_mse_forward(x, t, a, b, shift, n, store_error, chunk_bytes=...)
+                                                  -> (sq 0-dim, err (B, C_t, L) or empty)
+    expand_mse_backward(grad, x, t, a, b, shift, n, err, grad_mask, chunk_bytes=...)
+                                                  -> (dx, dt, da, db, dshift)
+
+Sizes: x (B, C_s, L) the student positions (a view of f_s (B, C_s, H, W), any strides),
+t (B, C_t, L) the teacher's, P = B * L; a (n*C_t, C_s) the expansion map (segment i is
+rows i*C_t:(i+1)*C_t), b (n*C_t,) its bias, shift (C_s,) or None. The error of segment i
+at position p is E_i[:, p] = a_i (x[:, p] - shift) + b_i - t[:, p] and `expand_mse`
+returns sum_i ||E_i||^2 (docs/design.md section 4). Every function accumulates in the
+compute dtype below; `norm_fast/custom_ops.py` makes them differentiable custom ops.
+"""
+from __future__ import annotations
+
+import torch
+
+# Upper bound on the expanded-error block a direct backward holds at once (bytes): the
+# chunking that keeps every path free of an n*C_t*P tensor (docs/design.md, invariants).
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
