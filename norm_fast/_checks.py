@@ -64,17 +64,24 @@ def check_feature_map(name: str, x, channels: Optional[int] = None) -> Tensor:
     return x
 
 
-def check_pair(f_s: Tensor, f_t: Tensor) -> None:
-    """Student and teacher maps must agree on batch, spatial size, device and dtype."""
-    if f_s.shape[0] != f_t.shape[0] or f_s.shape[2:] != f_t.shape[2:]:
+def check_pair(f_s: Tensor, f_t: Tensor) -> Tensor:
+    """Student and teacher maps must agree on batch, spatial size and device; returns f_t
+    in f_s's dtype, or in f_s's compute dtype when the two differ (a float32 teacher
+    beside a bfloat16 student under autocast stays float32)."""
+    if f_s.shape[0] != f_t.shape[0]:
+        raise ValueError(f"f_s and f_t must have the same batch size, got f_s "
+                         f"{tuple(f_s.shape)} and f_t {tuple(f_t.shape)}: pass the teacher "
+                         "features of the same images, in the same order")
+    if f_s.shape[2:] != f_t.shape[2:]:
         raise ValueError(
-            "f_s and f_t must have the same batch and spatial size, got f_s "
+            "f_s and f_t must have the same spatial size, got f_s "
             f"{tuple(f_s.shape)} and f_t {tuple(f_t.shape)}; use norm_fast.match_spatial(f_s, f_t) "
             "to max-pool the larger map down to the smaller")
     if f_s.device != f_t.device:
         raise ValueError(f"f_s and f_t must be on the same device, got {f_s.device} and {f_t.device}")
     if f_s.dtype != f_t.dtype:
-        raise TypeError(f"f_s and f_t must have the same dtype, got {f_s.dtype} and {f_t.dtype}")
+        f_t = f_t.to(torch.float64 if f_s.dtype == torch.float64 else torch.float32)
+    return f_t
 
 
 def check_param_compat(f_s: Tensor, param: Tensor, what: str) -> None:

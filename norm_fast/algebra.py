@@ -1,22 +1,26 @@
 """The small algebra of the fast paths: everything that does not grow with P.
 
-With X (C_s x P) the student positions, only the moments of X (mean, covariance) and one
-pass of `expand_mse` touch P; the Feature Transform enters through C_s x C_s and
-N*C_t x C_s matrices (DESIGN.md sections 3-4). Autograd differentiates this algebra
-exactly; the P-sized ops bring their own backward (`custom_ops.py`).
+With X (C_s x P) the student positions, only the moments of X (mean, covariance), the
+features (one C_s x C_s map applied per position) and one pass of `expand_mse` touch P;
+the Feature Transform enters through C_s x C_s and N*C_t x C_s matrices
+(docs/design.md sections 3-4). Autograd differentiates this algebra exactly; the P-sized
+ops bring their own backward (`custom_ops.py`). This module calls no kernel itself: the
+caller passes it the moments (`module.py`), and the loss sums live in `segment_loss.py`.
+
+Notation used below: O = n*C_t expanded channels, C = C_s student channels.
+The expansion is always written Y = A (X - shift) + b (shift None: Y = A X + b).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import custom_ops
 
-
-@dataclass
+# --- BatchNorm behaviour -----------------------------------------------------------------
+@dataclass(frozen=True)
 class BNState:
     """How one nn.BatchNorm2d behaves in this forward (mirrors _BatchNorm.forward)."""
     batch_stats: bool                 # normalise with batch statistics
@@ -40,42 +44,113 @@ def bn_state(bn: Optional[nn.Module], training: bool) -> Optional[BNState]:
     return BNState(batch_stats, update, factor)
 
 
-def update_running(bn: nn.Module, state: BNState, mean: Tensor, var_biased: Tensor, P):
+def update_running(bn: nn.Module, state: BNState, mean: Tensor, var_biased: Tensor, P,
+                   scale: Optional[Tensor] = None) -> None:
     """running <- (1 - f) running + f stat, with the unbiased variance (nn.BatchNorm2d).
 
     P, the number of positions the statistics cover, is an int or a 0-dim tensor (the
-    global count under synchronised BatchNorm)."""
+    global count under synchronised BatchNorm). `scale` (0-dim, a power of two) is the
+    sigma of `Moments`: the statistics passed are those of X / sigma, so the mean is
+    multiplied by sigma and the variance by sigma^2, in float64 so that the product does
+    not overflow where the literal's statistics do not."""
     with torch.no_grad():
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
         f = state.factor
         if isinstance(f, Tensor):
             f = f.to(bn.running_mean.dtype)
-        var = var_biased.detach() * (P / (P - 1))
-        bn.running_mean.mul_(1 - f).add_(mean.detach().to(bn.running_mean.dtype) * f)
+        mean = mean.detach().double()
+        var = var_biased.detach().double() * (P / (P - 1))
+        if scale is not None:
+            s = scale.double()
+            mean, var = mean * s, var * s * s
+        bn.running_mean.mul_(1 - f).add_(mean.to(bn.running_mean.dtype) * f)
         bn.running_var.mul_(1 - f).add_(var.to(bn.running_var.dtype) * f)
 
 
-def bn_affine(bn: nn.Module, dtype: torch.dtype):
+def affine_params(bn: nn.Module, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """(gamma, beta) of a BatchNorm in `dtype`, ones/zeros when affine=False."""
     C = bn.num_features
-    dev = bn.running_mean.device if bn.running_mean is not None else None
+    dev = bn.running_mean.device if bn.running_mean is not None else bn.weight.device
     gamma = bn.weight.to(dtype) if bn.weight is not None else torch.ones(C, dtype=dtype, device=dev)
     beta = bn.bias.to(dtype) if bn.bias is not None else torch.zeros(C, dtype=dtype, device=dev)
     return gamma, beta
 
 
-def matrix_spread(A: Tensor, AS: Tensor, n: int):
-    """(sum_i <D_i S, D_i>, Abar, D) by autograd-visible elementwise ops.
+def eval_affine(bn: Optional[nn.Module], C: int, dtype: torch.dtype, device
+                ) -> Tuple[Tensor, Tensor]:
+    """(a, c) with eval-mode bn(z) = a * z + c per channel: a = gamma / sqrt(var + eps),
+    c = beta - a * mean (docs/design.md section 2). Ones and zeros without a BatchNorm.
+    The one eval-affine computation of the package: the module's eval forward and the
+    merge (`fold.py`) both use it."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        return (torch.ones(C, dtype=dtype, device=device),
+                torch.zeros(C, dtype=dtype, device=device))
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("this BatchNorm has no running statistics (track_running_stats="
+                         "False): its eval-mode output depends on the batch, so it is not "
+                         "a fixed affine map")
+    gamma, beta = affine_params(bn, dtype)
+    a = gamma * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    return a, beta - a * bn.running_mean.to(dtype)
 
-    A, AS = A S (n*C_t, C_s); D_i = A_i - Abar. The general path (synchronised BatchNorm,
-    no BatchNorm); `bn_expansion` is the fused one.
+
+# --- moments of the student positions ------------------------------------------------------
+@dataclass
+class Moments:
+    """The first two moments of the positions the P-sized ops read.
+
+    x (B, C, L): those positions. In training with BatchNorm they are f_s / sigma with
+    sigma = `scale` a power of two chosen from max |f_s| (1 for every ordinary input), so
+    that the covariance cannot overflow where the literal computation does not
+    (docs/design.md section 3, "range"); otherwise x is f_s itself and scale is None.
+    mean (C,), cov (C, C): of the global batch (under synchronised BatchNorm) or of x.
+    local_mean, local_cov: of this process's positions (the same tensors without sync).
+    count: positions the global statistics cover (int, or 0-dim tensor under sync).
     """
-    O, C_s = A.shape
-    A3, AS3 = A.view(n, O // n, C_s), AS.view(n, O // n, C_s)
+    x: Tensor
+    mean: Tensor
+    cov: Tensor
+    local_mean: Tensor
+    local_cov: Tensor
+    count: Union[int, Tensor]
+    scale: Optional[Tensor] = None
+
+
+def range_scale(f_s: Tensor) -> Tensor:
+    """sigma = 2^k, k = max(0, e - 50) where max |f_s| = m 2^e: 1 for every input whose
+    entries stay below 2^50 (about 1e15), so ordinary inputs are not touched, and large
+    enough beyond that for squares and C-term sums of f_s / sigma to stay finite in
+    float32. A 0-dim tensor in the compute dtype; no host synchronisation."""
+    amax = torch.linalg.vector_norm(f_s.detach(), float("inf")).float()   # one pass
+    _, e = torch.frexp(amax)
+    k = (e - 50).clamp_min(0)
+    return torch.ldexp(torch.ones((), device=f_s.device), k)
+
+
+# --- expansion -----------------------------------------------------------------------------
+@dataclass
+class Expansion:
+    """Y = A (X - shift) + b for the N*C_t expanded channels (X in the coordinates of
+    `Moments.x`), plus, for the decomposed loss, Abar (C_t, C) the mean of the n segment
+    maps and spread = sum_i <D_i S_local, D_i> with D_i = A_i - Abar (docs/design.md
+    section 4); Abar and spread are None when not asked for."""
+    A: Tensor
+    b: Tensor
+    shift: Optional[Tensor]
+    Abar: Optional[Tensor] = None
+    spread: Optional[Tensor] = None
+
+
+def matrix_spread(A: Tensor, AS: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """(sum_i <D_i S, D_i>, Abar) by autograd-visible elementwise ops, AS = A S.
+
+    Elementwise differences, never <A S, A> - n <Abar S, Abar> (docs/design.md section 5:
+    the difference of two totals cancels when the segments agree)."""
+    O, C = A.shape
+    A3, AS3 = A.view(n, O // n, C), AS.view(n, O // n, C)
     Abar = A3.mean(0)
-    D = A3 - Abar
-    return ((AS3 - AS3.mean(0)) * D).sum(), Abar, D
+    return ((AS3 - AS3.mean(0)) * (A3 - Abar)).sum(), Abar
 
 
 class _BNExpansion(torch.autograd.Function):
@@ -85,12 +160,19 @@ class _BNExpansion(torch.autograd.Function):
         batch_stats: scale is gamma1, var1 = diag(W1 S W1^T), a1 = gamma1 / sqrt(var1 + eps)
         otherwise:   scale is a1 itself (eval-mode BatchNorm: from the running variance)
         n_spread > 0: also spread = sum_i <D_i S, D_i> over the n_spread segments, with
-        D_i = A_i - Abar, summed elementwise as DESIGN.md s.5 demands.
+        D_i = A_i - Abar, summed elementwise as docs/design.md section 5 demands.
     -> (A (O, C), Abar (C_t, C) or empty, var1 (O,) or empty, spread 0-dim)
 
+    var1 is a quadratic form of a covariance computed in floating point: its absolute
+    error is about eps_float * |w|^2 * ||S||, so for a direction the batch does not span
+    (rank-deficient S) it can come out slightly negative. It is clamped at 0: the
+    clamped value is non-negative by construction and within the same bound of the
+    truth (tests/test_robustness.py checks the bound); where the data is small enough
+    to use instead (P <= C), `module.py` takes the variance from the data.
+
     Autograd through these ops costs two GEMMs in the backward of W1 S and about 40
-    elementwise passes over O x C matrices. By hand (DESIGN.md s.5) it needs one GEMM:
-    with D S = A S - Abar S (= DS, formed in the forward),
+    elementwise passes over O x C matrices. By hand (docs/design.md section 5) it needs
+    one GEMM: with D S = A S - Abar S (= DS, formed in the forward),
         dW1 = a1 o gA' + g_sp a1 o DS + 2 g_var o (W1 S)        (no product with S)
         dS  = W1^T (g_sp a1 o D + g_var o W1)                    (the one GEMM)
     where gA' = gA + g_sp DS + gAbar / n (tiled) and g_var includes d a1 / d var1.
@@ -101,7 +183,7 @@ class _BNExpansion(torch.autograd.Function):
         O, C = W1.shape
         W1S = W1 @ S if S is not None else None                 # the one large product
         if batch_stats:
-            var1 = torch.linalg.vecdot(W1S, W1)                 # biased batch variance
+            var1 = torch.linalg.vecdot(W1S, W1).clamp_min_(0)   # biased batch variance
             inv = torch.rsqrt(var1 + eps)
             a1 = scale * inv
         else:
@@ -159,35 +241,85 @@ def bn_expansion(W1: Tensor, S: Optional[Tensor], scale: Tensor, eps: float, bat
     return _BNExpansion.apply(W1, S, scale, eps, batch_stats, n_spread)
 
 
-def decomposed_sq_sum(x: Tensor, t: Tensor, Abar: Tensor, b: Tensor, xbar: Tensor,
-                      spread: Tensor, n: int, backend: str, D: Optional[Tensor] = None,
-                      delta: Optional[Tensor] = None) -> Tensor:
-    """sum_i ||A_i (X - xbar) + b_i - T||^2 over the P positions of x, decomposed.
+def data_expansion(W1: Tensor, xc: Tensor, gamma: Tensor, eps: float, n_spread: int):
+    """(A, Abar, var1, spread) of a training-mode BatchNorm from the centred data itself.
 
-    x (B, C_s, L), t (B, C_t, L); Abar (C_t, C_s), the segments' mean map; b (n*C_t,);
-    xbar (C_s,); spread = sum_i <D_i S_x, D_i> with S_x the covariance of x's own
-    positions. When xbar is a mean over more positions than x's (synchronised
-    BatchNorm), delta = mean(x) - xbar and D (n, C_t, C_s) the deviations D_i.
-
-    DESIGN.md s.4: with D_i = A_i - Abar, d_i = b_i - bbar,
-        total = P * (sum_i <D_i S_x, D_i> + sum_i ||D_i delta + d_i||^2)
-                + n * ||Abar (X - xbar) + bbar - T||^2
-    (the cross terms vanish because the D_i and d_i sum to zero over i). Only the one
-    residual touches P.
-    """
-    B, C_s, L = x.shape
-    C_t = t.shape[1]
-    b2 = b.view(n, C_t)
-    bbar = b2.mean(0)
-    d = b2 - bbar
-    if delta is not None:
-        d = d + D @ delta
-    resid, _ = custom_ops.expand_mse(x, t, Abar, bbar, xbar, 1, True, backend)
-    return (B * L) * (spread + d.square().sum()) + n * resid
+    xc (C, P) with P <= C: Z = W1 xc (O x P) costs no more than W1 S (O x C), and every
+    statistic is a sum of squares of Z, so it is non-negative and as accurate as the
+    literal's (docs/design.md section 3): var1 = |Z_o|^2 / P and
+    spread = |a1 Z - mean_i(a1 Z)|^2 / P (elementwise deviations). Plain autograd."""
+    O, C = W1.shape
+    P = xc.shape[1]
+    Z = W1 @ xc
+    var1 = Z.square().sum(1) / P
+    a1 = gamma * torch.rsqrt(var1 + eps)
+    A = W1 * a1[:, None]
+    if not n_spread:
+        return A, A.new_empty(0), var1, A.new_zeros(())
+    n = n_spread
+    AZ = (Z * a1[:, None]).view(n, O // n, P)
+    spread = (AZ - AZ.mean(0)).square().sum() / P
+    return A, A.view(n, O // n, C).mean(0), var1, spread
 
 
-def direct_sq_sum(x: Tensor, t: Tensor, A: Tensor, b: Tensor, xbar: Optional[Tensor], n: int,
-                  backend: str) -> Tensor:
-    """sum_i ||A_i (X - xbar) + b_i - T||^2 by the fused direct pass (xbar None: uncentred)."""
-    sq, _ = custom_ops.expand_mse(x, t, A, b, xbar, n, False, backend)
-    return sq
+def batch_expansion(W1: Tensor, bn: nn.Module, state: BNState, mom: Moments, n_spread: int,
+                    synced: bool) -> Expansion:
+    """Training-mode BatchNorm: Y = A (X - mean) + beta with the batch statistics of Z = W1 X
+    (docs/design.md section 3), the running statistics updated as nn.BatchNorm2d does.
+
+    The variance comes from the data when this process holds all of it and P <= C
+    (`data_expansion`), else from the covariance (`_BNExpansion`, clamped at 0); with
+    synchronised statistics the spread needs this process's own covariance."""
+    gamma, beta = affine_params(bn, W1.dtype)
+    eps = bn.eps
+    if mom.scale is not None:
+        eps = eps / mom.scale.to(W1.dtype).square()   # BN(W1 X) = BN_{eps/s^2}(W1 X/s)
+    O, C = W1.shape
+    P = mom.x.shape[0] * mom.x.shape[2]
+    if not synced and P <= C:
+        xc = (mom.x.to(W1.dtype) - mom.mean[None, :, None]).permute(1, 0, 2).reshape(C, P)
+        A, Abar, var1, spread = data_expansion(W1, xc, gamma, eps, n_spread)
+    else:
+        A, Abar, var1, spread = _BNExpansion.apply(W1, mom.cov, gamma, eps, True,
+                                                   0 if synced else n_spread)
+        if synced and n_spread:
+            spread, Abar = matrix_spread(A, A @ mom.local_cov, n_spread)
+    if state.update:
+        update_running(bn, state, W1 @ mom.mean, var1, mom.count, mom.scale)
+    return Expansion(A, beta, mom.mean, Abar if n_spread else None,
+                     spread if n_spread else None)
+
+
+def fixed_expansion(W1: Tensor, bn: Optional[nn.Module], mom: Optional[Moments],
+                    n_spread: int) -> Expansion:
+    """No BatchNorm, or one normalising with its running statistics: Y = A X + b with
+    A = diag(a) W1, b = c from `eval_affine`, a per-position map with no shift, so a
+    non-finite input stays as local as in the literal (docs/design.md section 3).
+    The decomposed loss needs the spread over this process's covariance."""
+    if bn is None:
+        c = W1.new_zeros(W1.shape[0])
+        if n_spread and mom is not None:
+            spread, Abar = matrix_spread(W1, W1 @ mom.local_cov, n_spread)
+            return Expansion(W1, c, None, Abar, spread)
+        return Expansion(W1, c, None)
+    a, c = eval_affine(bn, W1.shape[0], W1.dtype, W1.device)
+    if n_spread and mom is not None:
+        A, Abar, _, spread = _BNExpansion.apply(W1, mom.local_cov, a, 0.0, False, n_spread)
+        return Expansion(A, c, None, Abar, spread)
+    return Expansion(W1 * a[:, None], c, None)
+
+
+# --- contraction -----------------------------------------------------------------------------
+def contraction_map(W2: Tensor, exp: Expansion) -> Tuple[Tensor, Tensor]:
+    """(K, k): contract(Y) = K X + k per position, K = W2 A (C x C), k = W2 (b - A shift)."""
+    K = W2 @ exp.A
+    k = W2 @ exp.b
+    if exp.shift is not None:
+        k = k - K @ exp.shift
+    return K, k
+
+
+def fold_affine(K: Tensor, k: Tensor, a2: Tensor, c2: Tensor) -> Tuple[Tensor, Tensor]:
+    """(M, m) with a2 * (K x + k) + c2 = M x + m: the contraction and an affine
+    (eval-mode) BatchNorm folded into one C x C map (docs/design.md section 2)."""
+    return K * a2[:, None], a2 * k + c2

@@ -1,7 +1,7 @@
 """Global BatchNorm statistics across processes (DDP with synchronised BatchNorm).
 
 The FT's batch statistics are functions of the mean and covariance of f_s alone
-(DESIGN.md s.3), so synchronising the BatchNorms means all-reducing a C_s vector and a
+(docs/design.md section 3), so synchronising the BatchNorms means all-reducing a C_s vector and a
 C_s x C_s matrix, whatever the algorithm: nothing of the expanded size crosses the wire.
 Gradients flow back through the reduction as they do in nn.SyncBatchNorm (the backward
 of a sum all-reduce is a sum all-reduce of the gradients).
@@ -44,10 +44,11 @@ def sync_world_size(group=None) -> int:
 
 def global_moments(mean: Tensor, cov: Tensor, count: int, group=None
                    ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Combine per-process (mean (C,), biased cov (C, C), count P_r) into global ones.
+    """Combine per-process (mean (C,), biased cov (C, C) or variances (C,), count P_r)
+    into global ones.
 
     Two reductions, so that the covariance never comes from raw second moments (which
-    cancel when the mean is large, DESIGN.md s.3):
+    cancel when the mean is large, docs/design.md section 3):
         g = sum_r P_r mean_r / sum_r P_r
         S = sum_r P_r (S_r + (mean_r - g)(mean_r - g)^T) / sum_r P_r
     Returns (g, S, total count as a 0-dim tensor).
@@ -58,7 +59,8 @@ def global_moments(mean: Tensor, cov: Tensor, count: int, group=None
     total = first[C]
     g = first[:C] / total
     d = mean - g
-    S = all_reduce_sum(count * (cov + d[:, None] * d[None, :]), group) / total
+    spread = d[:, None] * d[None, :] if cov.dim() == 2 else d * d
+    S = all_reduce_sum(count * (cov + spread), group) / total
     return g, S, total
 
 

@@ -1,4 +1,4 @@
-"""Fold the trained Feature Transform into the classifier (DESIGN.md section 2).
+"""Fold the trained Feature Transform into the classifier (docs/design.md section 2).
 
 In eval mode each BatchNorm is a per-channel affine map (a = gamma / sqrt(var + eps),
 c = beta - a * mean), so the whole FT is `features = M x + m` per position with
@@ -13,35 +13,25 @@ from typing import Tuple
 import torch
 from torch import Tensor, nn
 
-
-def _eval_affine(bn: nn.Module, C: int, dtype, device) -> Tuple[Tensor, Tensor]:
-    if not isinstance(bn, nn.BatchNorm2d):
-        return torch.ones(C, dtype=dtype, device=device), torch.zeros(C, dtype=dtype, device=device)
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("cannot merge a BatchNorm without running statistics "
-                         "(track_running_stats=False): its eval output depends on the batch")
-    a = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    if bn.weight is not None:
-        a = a * bn.weight.to(dtype)
-    c = -a * bn.running_mean.to(dtype)
-    if bn.bias is not None:
-        c = c + bn.bias.to(dtype)
-    return a, c
+from . import algebra
 
 
 @torch.no_grad()
 def ft_affine(module: nn.Module, dtype=torch.float64) -> Tuple[Tensor, Tensor]:
-    """(M (C_s, C_s), m (C_s,)) with eval-mode features = M x + m at every position."""
+    """(M (C_s, C_s), m (C_s,)) with eval-mode features = M x + m at every position.
+
+    The same fold as the module's eval-mode forward (`algebra.fixed_expansion`,
+    `algebra.contraction_map`, `algebra.fold_affine`), here in float64 by default."""
     n, C_t, C_s = module.n, module.teacher_channels, module.student_channels
-    dev = module.expand.weight.device
     W1 = module.expand.weight.reshape(n * C_t, C_s).to(dtype)
     W2 = module.contract.weight.reshape(C_s, n * C_t).to(dtype)
-    a1, c1 = _eval_affine(module.expand_bn, n * C_t, dtype, dev)
-    a2, c2 = _eval_affine(module.contract_bn, C_s, dtype, dev)
-    M = a2[:, None] * (W2 @ (a1[:, None] * W1))
+    exp = algebra.fixed_expansion(W1, module.expand_bn if module.batchnorm else None, None, 0)
+    K, k = algebra.contraction_map(W2, exp)
+    a2, c2 = algebra.eval_affine(module.contract_bn if module.batchnorm else None, C_s,
+                                 dtype, W1.device)
+    M, m = algebra.fold_affine(K, k, a2, c2)
     if module.residual:
-        M = M + torch.eye(C_s, dtype=dtype, device=dev)
-    m = a2 * (W2 @ c1) + c2
+        M = M + torch.eye(C_s, dtype=dtype, device=W1.device)
     return M, m
 
 

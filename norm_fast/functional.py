@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, algebra, dispatch, custom_ops
+from . import _checks, algebra, custom_ops, dispatch, segment_loss
 from .ops.spec import compute_dtype
 from .reference import reference_norm_loss
 
@@ -25,7 +25,7 @@ def norm_loss(f_s: Tensor, f_t: Tensor, weight: Tensor, n: int, *,
     _checks.check_reduction(segment_reduction)
     _checks.check_feature_map("f_s", f_s)
     _checks.check_feature_map("f_t", f_t)
-    _checks.check_pair(f_s, f_t)
+    f_t = _checks.check_pair(f_s, f_t)
     B, C_s, H, W = f_s.shape
     C_t = f_t.shape[1]
     if not isinstance(weight, Tensor):
@@ -43,15 +43,17 @@ def norm_loss(f_s: Tensor, f_t: Tensor, weight: Tensor, n: int, *,
     dev = f_s.device.type
     with torch.autocast(dev, enabled=False):
         cdt = compute_dtype(f_s.dtype)
-        A = weight.reshape(n * C_t, C_s).to(cdt)
+        w = weight.reshape(n * C_t, C_s).to(cdt)
         x, t = f_s.flatten(2), f_t.flatten(2)
-        if algorithm == "direct":
-            sq = algebra.direct_sq_sum(x, t, A, A.new_zeros(n * C_t), None, n, backend)
+        mom = None
+        if algorithm == "decomposed":
+            mean, cov = custom_ops.moments(x, backend)
+            mom = algebra.Moments(x, mean, cov, mean, cov, B * H * W)
+        exp = algebra.fixed_expansion(w, None, mom, n if mom is not None else 0)
+        if mom is not None:
+            sq = segment_loss.decomposed_sq_sum(mom, t, exp, n, backend)
         else:
-            # Without BatchNorm: Y_i = W_i X = W_i (X - xbar) + W_i xbar (DESIGN.md s.4).
-            xbar, S = custom_ops.moments(x, backend)
-            spread, Abar, _ = algebra.matrix_spread(A, A @ S, n)
-            sq = algebra.decomposed_sq_sum(x, t, Abar, A @ xbar, xbar, spread, n, backend)
+            sq = segment_loss.direct_sq_sum(x, t, exp, n, backend)
         loss = sq / (C_t * B * H * W)
     return loss / n if segment_reduction == "mean" else loss
 

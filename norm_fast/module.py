@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, algebra, dispatch, distributed, custom_ops
+from . import _checks, algebra, custom_ops, dispatch, distributed, segment_loss
 from .ops.spec import compute_dtype
 from .reference import reference_forward
 
@@ -33,13 +33,16 @@ class NORM(nn.Module):
             happens when `expand_bn` is an nn.SyncBatchNorm (convert_sync_batchnorm).
 
     Submodules `expand`, `expand_bn`, `contract`, `contract_bn` hold the same parameters
-    and buffers, under the same names, as a literal implementation (DESIGN.md s.1), so
+    and buffers, under the same names, as a literal implementation (docs/design.md section 1), so
     state dicts load both ways with strict=True.
 
     forward(f_s (B, C_s, H, W), f_t (B, C_t, H, W) or None) -> (features, loss):
         features (B, C_s, H, W), the FT output for the student's pooling + classifier;
         loss, 0-dim, `mse_loss(Y, f_t.repeat(1, n, 1, 1)) * n` ("sum") or that / n
         ("mean"), float32 for 16-bit inputs; None when f_t is None.
+        f_t may have another floating dtype than f_s (a teacher run outside autocast,
+        cached features): it is cast to f_s's compute dtype (float32 for 16-bit f_s,
+        float64 for float64), so the comparison is made in that precision.
     """
 
     def __init__(self, student_channels: int, teacher_channels: int, n: int = 8, *,
@@ -95,7 +98,7 @@ class NORM(nn.Module):
         _checks.check_param_compat(f_s, self.expand.weight, "NORM")
         if f_t is not None:
             _checks.check_feature_map("f_t", f_t, self.teacher_channels)
-            _checks.check_pair(f_s, f_t)
+            f_t = _checks.check_pair(f_s, f_t)
         if self.training and self.batchnorm and f_s.shape[0] * f_s.shape[2] * f_s.shape[3] == 1:
             raise ValueError("BatchNorm in training mode needs more than 1 value per channel, "
                              f"got f_s of shape {tuple(f_s.shape)}")
@@ -130,104 +133,85 @@ class NORM(nn.Module):
 
     def _fast_ft(self, f_s: Tensor, f_t: Optional[Tensor], backend: str, algorithm: str,
                  sync=None):
-        """FT and loss from the moments of f_s (DESIGN.md s.3-4); nothing of size N*C_t*P.
-
-        Y = A (X - xbar) + b  (A = diag(a1) W1; without a batch mean, X is not centred)
-        features = M X + m (+ X)  (one C_s x C_s map: contraction and BN folded)
-        """
-        n, C_t, C_s = self.n, self.teacher_channels, self.student_channels
-        B, _, H, W = f_s.shape
-        P = B * H * W
-        x = f_s.flatten(2)                                       # (B, C_s, L), a view if it can be
+        """FT and loss from the moments of f_s (docs/design.md sections 3-4); nothing of
+        size N*C_t*P. Y = A (X - shift) + b; features = contraction of Y (+ f_s)."""
+        n, C_t = self.n, self.teacher_channels
         cdt = compute_dtype(f_s.dtype)
-        W1 = self.expand.weight.reshape(n * C_t, C_s).to(cdt)
-        W2 = self.contract.weight.reshape(C_s, n * C_t).to(cdt)
-        bn1 = self.expand_bn if self.batchnorm else None
-        bn2 = self.contract_bn if self.batchnorm else None
+        W1 = self.expand.weight.reshape(n * C_t, -1).to(cdt)
+        W2 = self.contract.weight.reshape(-1, n * C_t).to(cdt)
+        bn1, bn2 = (self.expand_bn, self.contract_bn) if self.batchnorm else (None, None)
         st1, st2 = algebra.bn_state(bn1, self.training), algebra.bn_state(bn2, self.training)
         decomposed = algorithm == "decomposed" and f_t is not None
-        need_cov = decomposed or (st1 is not None and (st1.batch_stats or st2.batch_stats))
-        xbar = S = delta = S_local = None
-        count = P
-        if need_cov:
-            xbar, S = custom_ops.moments(x, backend)
-            S_local = S
-            if sync is not None:
-                local_mean = xbar
-                xbar, S, count = distributed.global_moments(xbar, S, P, sync[0])
-                delta = local_mean - xbar
+        batch1 = st1 is not None and st1.batch_stats
+        n_spread = n if decomposed else 0
 
-        # Expansion: Y = A (X - xbar) + b, or A X + b when xbar is None. With BatchNorm
-        # (and no synchronisation) one fused autograd node forms A, the batch variance
-        # and the spread of the decomposed loss (algebra._BNExpansion).
-        spread = Abar = D = None
-        fused = bn1 is not None and sync is None
-        if bn1 is None:
-            A = W1
-            b = W1 @ xbar if xbar is not None else W1.new_zeros(n * C_t)
+        f_in, mom = self._moments(f_s, backend, sync, decomposed or batch1, batch1)
+        if batch1:
+            exp = algebra.batch_expansion(W1, bn1, st1, mom, n_spread, sync is not None)
         else:
-            gamma1, beta1 = algebra.bn_affine(bn1, cdt)
-            if st1.batch_stats:
-                if fused:
-                    A, Abar, var1, spread = algebra.bn_expansion(
-                        W1, S, gamma1, bn1.eps, True, n if decomposed else 0)
-                else:
-                    W1S = W1 @ S          # the one large product, formed once (DESIGN.md s.5)
-                    var1 = (W1S * W1).sum(1)                     # diag(W1 S W1^T), biased
-                    a1 = gamma1 * torch.rsqrt(var1 + bn1.eps)
-                    A = a1[:, None] * W1
-                b = beta1
-                if st1.update:
-                    algebra.update_running(bn1, st1, W1 @ xbar, var1, count)
-            else:
-                a1 = gamma1 * torch.rsqrt(bn1.running_var.to(cdt) + bn1.eps)
-                shifted = (W1 @ xbar if xbar is not None else 0) - bn1.running_mean.to(cdt)
-                b = beta1 + a1 * shifted
-                A, Abar, _, spread = algebra.bn_expansion(W1, S if decomposed else None, a1,
-                                                          bn1.eps, False, n if decomposed else 0)
-        if decomposed and spread is None:
-            # The general path: without BatchNorm, or with synchronised statistics (the
-            # spread then needs this process's own covariance, S_local).
-            W1S_local = W1 @ S_local
-            AS = W1S_local if bn1 is None else a1[:, None] * W1S_local
-            spread, Abar, D = algebra.matrix_spread(A, AS, n)
-
-        # Contraction + BN folded into one C_s x C_s map: features = M X + m (+ X) (s.3).
-        K = W2 @ A                                               # C_s x C_s
-        if bn2 is None:
-            M, m = K, W2 @ b
-        else:
-            gamma2, beta2 = algebra.bn_affine(bn2, cdt)
-            if st2.batch_stats:
-                mean2 = W2 @ b
-                var2 = ((K @ S) * K).sum(1)
-                a2 = gamma2 * torch.rsqrt(var2 + bn2.eps)
-                m = beta2
-                if st2.update:
-                    algebra.update_running(bn2, st2, mean2, var2, count)
-            else:
-                a2 = gamma2 * torch.rsqrt(bn2.running_var.to(cdt) + bn2.eps)
-                m = beta2 + a2 * (W2 @ b - bn2.running_mean.to(cdt))
-            M = a2[:, None] * K
-        if xbar is not None:
-            m = m - M @ xbar                                     # uncentre: M (X - xbar) + m
-        features = F.conv2d(f_s, M.to(f_s.dtype)[:, :, None, None], m.to(f_s.dtype))
+            exp = algebra.fixed_expansion(W1, bn1, mom, n_spread)
+        features = self._contraction(f_in, W2, exp, bn2, st2, sync)
         if self.residual:
-            # Added apart rather than folded into M as I + M: in float32 the identity would
-            # round away the low bits of M (its entries are small against 1).
+            # Added apart rather than folded into the map as I + M: in float32 the identity
+            # would round away the low bits of M (its entries are small against 1).
             features = features + f_s
-
         if f_t is None:
             return features, None
+
         t = (f_t.detach() if self.detach_teacher else f_t).flatten(2)
         if decomposed:
-            sq = algebra.decomposed_sq_sum(x, t, Abar, b, xbar, spread, n, backend, D, delta)
+            sq = segment_loss.decomposed_sq_sum(mom, t, exp, n, backend)
         else:
-            sq = algebra.direct_sq_sum(x, t, A, b, xbar, n, backend)
-        loss = sq / (C_t * P)
-        if self.segment_reduction == "mean":
-            loss = loss / n
-        return features, loss
+            sq = segment_loss.direct_sq_sum(f_in.flatten(2), t, exp, n, backend)
+        loss = sq / (C_t * f_s.shape[0] * f_s.shape[2] * f_s.shape[3])
+        return features, (loss / n if self.segment_reduction == "mean" else loss)
+
+    def _moments(self, f_s: Tensor, backend: str, sync, needed: bool, scaled: bool
+                 ) -> Tuple[Tensor, Optional[algebra.Moments]]:
+        """(the map the P-sized ops read, its `algebra.Moments` or None when not needed).
+
+        With batch statistics the FT is invariant to a scale of f_s but for the
+        BatchNorm eps, so the ops read f_s / sigma (`algebra.range_scale`: 1 for ordinary
+        inputs) and the expansion's eps is divided by sigma^2: the covariance then stays
+        finite wherever the literal's statistics do (docs/design.md section 3, range).
+        Synchronised statistics keep sigma = 1 (every rank would need the same sigma).
+        """
+        if not needed:
+            return f_s, None
+        scale = None
+        if scaled and sync is None:
+            scale = algebra.range_scale(f_s)
+            f_s = f_s * scale.reciprocal().to(f_s.dtype)          # exact: a power of two
+        x = f_s.flatten(2)                                       # (B, C_s, L), a view if it can be
+        mean, cov = custom_ops.moments(x, backend)
+        count = x.shape[0] * x.shape[2]
+        g_mean, g_cov = mean, cov
+        if sync is not None:
+            g_mean, g_cov, count = distributed.global_moments(mean, cov, count, sync[0])
+        return f_s, algebra.Moments(x, g_mean, g_cov, mean, cov, count, scale)
+
+    def _contraction(self, f_in: Tensor, W2: Tensor, exp: algebra.Expansion,
+                     bn2: Optional[nn.Module], st2: Optional[algebra.BNState], sync) -> Tensor:
+        """contract_bn(contract(Y)) from f_in (B, C_s, H, W) without Y: one C_s x C_s map
+        per position (docs/design.md section 3). With batch statistics they are taken
+        from the map's output itself (C_s x P values, computed anyway): a variance formed
+        from data is non-negative and as accurate as the literal's."""
+        K, k = algebra.contraction_map(W2, exp)
+        if st2 is not None and st2.batch_stats:
+            u = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None], k.to(f_in.dtype))
+            var2, mean2 = torch.var_mean(u.to(K.dtype), dim=(0, 2, 3), correction=0)
+            count = u.shape[0] * u.shape[2] * u.shape[3]
+            if sync is not None:
+                mean2, var2, count = distributed.global_moments(mean2, var2, count, sync[0])
+            gamma2, beta2 = algebra.affine_params(bn2, K.dtype)
+            a2 = gamma2 * torch.rsqrt(var2 + bn2.eps)
+            if st2.update:
+                algebra.update_running(bn2, st2, mean2, var2, count)
+            return torch.addcmul((beta2 - a2 * mean2)[:, None, None], u, a2[:, None, None])
+        if bn2 is not None:
+            K, k = algebra.fold_affine(K, k, *algebra.eval_affine(bn2, K.shape[0], K.dtype,
+                                                                  K.device))
+        return F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None], k.to(f_in.dtype))
 
     # --- use as a forward hook on a model's stage (norm_fast.attach) ----------------------
     def set_teacher(self, f_t: Optional[Tensor]) -> None:
@@ -258,7 +242,7 @@ class NORM(nn.Module):
 
         The reference names the FT `<expand_key>.0.weight`, `<expand_key>.1.{weight, bias,
         running_mean, running_var, num_batches_tracked}` and the same under
-        `<contract_key>` (DESIGN.md s.1); a common prefix such as "module." is allowed and
+        `<contract_key>` (docs/design.md section 1); a common prefix such as "module." is allowed and
         every other key is ignored. Returns what `load_state_dict` returns.
         """
         prefixes = {k[: -len(f"{expand_key}.0.weight")] for k in state_dict
@@ -279,6 +263,6 @@ class NORM(nn.Module):
         return self.load_state_dict(ours, strict=strict)
 
     def merge_into(self, fc: nn.Linear) -> nn.Linear:
-        """A new classifier equal, in eval mode, to `fc` applied after the FT (DESIGN.md s.2)."""
-        from .fold import merge_into
+        """A new classifier equal, in eval mode, to `fc` applied after the FT (docs/design.md section 2)."""
+        from .fold import merge_into   # fold imports this module's class for checks
         return merge_into(self, fc)
