@@ -155,7 +155,7 @@ inline void mirror_lower(const at::Tensor& cov, int64_t panel) {
 
 // ---------------------------------------------------------------------------------
 // moments: mean (C) and biased covariance (C, C) over the B*L positions, in one pass
-// over x (DESIGN.md section 3).  Each chunk c of K_c positions is centred by its own
+// over x (docs/design.md section 3).  Each chunk c of K_c positions is centred by its own
 // channel means m_c before its product, so nothing cancels however large the mean is
 // against the spread; the chunks combine exactly (Chan et al.'s pairwise update):
 //   P * cov = sum_c Xc_c Xc_c^T + sum_c K_c (m_c - m)(m_c - m)^T,  m = sum_c K_c m_c / P.
@@ -269,7 +269,7 @@ inline int64_t check_expand_args(const at::Tensor& x, const at::Tensor& t, const
 }
 
 // ---------------------------------------------------------------------------------
-// expand_mse_forward: sum_i ||a_i (x - shift) + b_i - t||^2 (DESIGN.md section 4),
+// expand_mse_forward: sum_i ||a_i (x - shift) + b_i - t||^2 (docs/design.md section 4),
 // and the error itself when store_error (n == 1: the decomposed residual R).
 inline std::tuple<at::Tensor, at::Tensor> expand_mse_forward(
     const at::Tensor& x, const at::Tensor& t, const at::Tensor& a, const at::Tensor& b,
@@ -386,7 +386,12 @@ inline std::vector<at::Tensor> expand_mse_backward(
       at::mm_out(ep, a_c, xp);
       k.error_grad(ep, b_c, tt, p0, p1, n, db_acc, dt, neg_g2);
     }
-    if (want_a) da.addmm_(ep, xp.t());
+    if (want_a) {
+      // da = sum_p E (2g xc)^T: scaled before the product, so that E xc^T cannot
+      // overflow where the literal's gradient (scaled per element) does not.
+      xp.mul_(g2);
+      da.addmm_(ep, xp.t());
+    }
     if (need_dx) {
       at::Tensor yp = front(xbuf, C_s, K);  // Xc is no longer needed
       at::mm_out(yp, a_c.t(), ep);
@@ -396,7 +401,7 @@ inline std::vector<at::Tensor> expand_mse_backward(
   return {
       want_x ? (x.scalar_type() == cdt ? dx : dx.to(x.scalar_type())) : empty,
       want_t ? (t.scalar_type() == cdt ? dt : dt.to(t.scalar_type())) : empty,
-      want_a ? da.mul_(g2) : empty,
+      want_a ? da : empty,
       want_b ? db_acc.to(cdt).mul_(g2) : empty,
       want_s ? ds_acc.to(cdt).mul_(g2).neg_() : empty,
   };

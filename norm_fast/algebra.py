@@ -100,11 +100,14 @@ def eval_affine(bn: Optional[nn.Module], C: int, dtype: torch.dtype, device
 class Moments:
     """The first two moments of the positions the P-sized ops read.
 
-    x (B, C, L): those positions. In training with BatchNorm they are f_s / sigma with
-    sigma = `scale` a power of two chosen from max |f_s| (1 for every ordinary input), so
-    that the covariance cannot overflow where the literal computation does not
-    (docs/design.md section 3, "range"); otherwise x is f_s itself and scale is None.
-    mean (C,), cov (C, C): of the global batch (under synchronised BatchNorm) or of x.
+    x (B, C, L): those positions. In training with BatchNorm they are
+    (f_s - origin) / sigma, centred once at origin = the batch mean (computed with a
+    float64 accumulator, so a constant channel centres to exactly zero) and scaled by
+    sigma = `scale`, a power of two chosen from max |f_s| (1 for every ordinary input),
+    so that the covariance cannot overflow where the literal computation does not
+    (docs/design.md section 3). Otherwise x is f_s itself and origin, scale are None.
+    mean (C,), cov (C, C): of the global batch (under synchronised BatchNorm) or of x,
+    in x's coordinates (so mean is a rounding residual when x is centred).
     local_mean, local_cov: of this process's positions (the same tensors without sync).
     count: positions the global statistics cover (int, or 0-dim tensor under sync).
     """
@@ -114,6 +117,7 @@ class Moments:
     local_mean: Tensor
     local_cov: Tensor
     count: Union[int, Tensor]
+    origin: Optional[Tensor] = None
     scale: Optional[Tensor] = None
 
 
@@ -285,7 +289,8 @@ def batch_expansion(W1: Tensor, bn: nn.Module, state: BNState, mom: Moments, n_s
         if synced and n_spread:
             spread, Abar = matrix_spread(A, A @ mom.local_cov, n_spread)
     if state.update:
-        update_running(bn, state, W1 @ mom.mean, var1, mom.count, mom.scale)
+        mean = mom.mean if mom.origin is None else mom.mean + mom.origin
+        update_running(bn, state, W1 @ mean, var1, mom.count, mom.scale)
     return Expansion(A, beta, mom.mean, Abar if n_spread else None,
                      spread if n_spread else None)
 
@@ -295,14 +300,20 @@ def fixed_expansion(W1: Tensor, bn: Optional[nn.Module], mom: Optional[Moments],
     """No BatchNorm, or one normalising with its running statistics: Y = A X + b with
     A = diag(a) W1, b = c from `eval_affine`, a per-position map with no shift, so a
     non-finite input stays as local as in the literal (docs/design.md section 3).
-    The decomposed loss needs the spread over this process's covariance."""
+    The decomposed loss needs the spread over this process's covariance. When the
+    moments are of X / sigma (`Moments.scale`), A is sigma diag(a) W1: the same map on
+    the scaled positions."""
+    s = mom.scale.to(W1.dtype) if (mom is not None and mom.scale is not None) else None
     if bn is None:
+        A = W1 if s is None else W1 * s                          # acts on mom.x = X / s
         c = W1.new_zeros(W1.shape[0])
         if n_spread and mom is not None:
-            spread, Abar = matrix_spread(W1, W1 @ mom.local_cov, n_spread)
-            return Expansion(W1, c, None, Abar, spread)
-        return Expansion(W1, c, None)
+            spread, Abar = matrix_spread(A, A @ mom.local_cov, n_spread)
+            return Expansion(A, c, None, Abar, spread)
+        return Expansion(A, c, None)
     a, c = eval_affine(bn, W1.shape[0], W1.dtype, W1.device)
+    if s is not None:
+        a = a * s
     if n_spread and mom is not None:
         A, Abar, _, spread = _BNExpansion.apply(W1, mom.local_cov, a, 0.0, False, n_spread)
         return Expansion(A, c, None, Abar, spread)

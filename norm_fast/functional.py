@@ -47,8 +47,12 @@ def norm_loss(f_s: Tensor, f_t: Tensor, weight: Tensor, n: int, *,
         x, t = f_s.flatten(2), f_t.flatten(2)
         mom = None
         if algorithm == "decomposed":
+            # moments of X / sigma (1 for ordinary inputs) so that the covariance cannot
+            # overflow where the literal's loss is finite (docs/design.md section 3)
+            scale = algebra.range_scale(f_s)
+            x = (f_s * scale.reciprocal().to(f_s.dtype)).flatten(2)
             mean, cov = custom_ops.moments(x, backend)
-            mom = algebra.Moments(x, mean, cov, mean, cov, B * H * W)
+            mom = algebra.Moments(x, mean, cov, mean, cov, B * H * W, scale=scale)
         exp = algebra.fixed_expansion(w, None, mom, n if mom is not None else 0)
         if mom is not None:
             sq = segment_loss.decomposed_sq_sum(mom, t, exp, n, backend)

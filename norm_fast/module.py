@@ -166,29 +166,48 @@ class NORM(nn.Module):
         loss = sq / (C_t * f_s.shape[0] * f_s.shape[2] * f_s.shape[3])
         return features, (loss / n if self.segment_reduction == "mean" else loss)
 
-    def _moments(self, f_s: Tensor, backend: str, sync, needed: bool, scaled: bool
+    def _moments(self, f_s: Tensor, backend: str, sync, needed: bool, centre: bool
                  ) -> Tuple[Tensor, Optional[algebra.Moments]]:
         """(the map the P-sized ops read, its `algebra.Moments` or None when not needed).
 
-        With batch statistics the FT is invariant to a scale of f_s but for the
-        BatchNorm eps, so the ops read f_s / sigma (`algebra.range_scale`: 1 for ordinary
-        inputs) and the expansion's eps is divided by sigma^2: the covariance then stays
-        finite wherever the literal's statistics do (docs/design.md section 3, range).
+        With batch statistics (`centre`) the ops read (f_s - origin) / sigma: centred at
+        the batch mean, so that the gradients of the folded maps do not cancel (post-ReLU
+        maps have large means) and a constant channel is exactly zero, as in the literal
+        BatchNorm; scaled by sigma (`algebra.range_scale`, 1 for ordinary inputs) because
+        the FT is then invariant to the scale of f_s but for the BatchNorm eps, which
+        `algebra.batch_expansion` divides by sigma^2 (docs/design.md section 3).
         Synchronised statistics keep sigma = 1 (every rank would need the same sigma).
         """
         if not needed:
             return f_s, None
-        scale = None
-        if scaled and sync is None:
+        origin = scale = None
+        if not centre and sync is None:
+            # per position (no batch mean): only the range scale, so that the covariance
+            # of the decomposed loss cannot overflow; 1 for ordinary inputs
             scale = algebra.range_scale(f_s)
-            f_s = f_s * scale.reciprocal().to(f_s.dtype)          # exact: a power of two
+            f_s = f_s * scale.reciprocal().to(f_s.dtype)
+        if centre:
+            cdt = compute_dtype(f_s.dtype)
+            origin = f_s.mean(dim=(0, 2, 3), dtype=torch.float64).to(cdt)
+            inv = torch.ones((), dtype=cdt, device=f_s.device)
+            if sync is None:
+                scale = algebra.range_scale(f_s)
+                inv = scale.reciprocal().to(cdt)                 # exact: a power of two
+                origin = origin * inv
+            # one pass: -origin + f_s * inv, computed in the compute dtype; 16-bit maps
+            # are stored back in their dtype so that the GEMMs reading them stay 16-bit
+            centred = torch.addcmul(-origin[:, None, None], f_s, inv)
+            f_s = centred if centred.dtype == f_s.dtype else centred.to(f_s.dtype)
         x = f_s.flatten(2)                                       # (B, C_s, L), a view if it can be
         mean, cov = custom_ops.moments(x, backend)
         count = x.shape[0] * x.shape[2]
         g_mean, g_cov = mean, cov
         if sync is not None:
-            g_mean, g_cov, count = distributed.global_moments(mean, cov, count, sync[0])
-        return f_s, algebra.Moments(x, g_mean, g_cov, mean, cov, count, scale)
+            # every rank centred at its own origin: combine in the raw coordinates
+            raw = mean if origin is None else mean + origin
+            g_mean, g_cov, count = distributed.global_moments(raw, cov, count, sync[0])
+            g_mean = g_mean if origin is None else g_mean - origin
+        return f_s, algebra.Moments(x, g_mean, g_cov, mean, cov, count, origin, scale)
 
     def _contraction(self, f_in: Tensor, W2: Tensor, exp: algebra.Expansion,
                      bn2: Optional[nn.Module], st2: Optional[algebra.BNState], sync) -> Tensor:
@@ -198,16 +217,34 @@ class NORM(nn.Module):
         from data is non-negative and as accurate as the literal's."""
         K, k = algebra.contraction_map(W2, exp)
         if st2 is not None and st2.batch_stats:
-            u = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None], k.to(f_in.dtype))
-            var2, mean2 = torch.var_mean(u.to(K.dtype), dim=(0, 2, 3), correction=0)
-            count = u.shape[0] * u.shape[2] * u.shape[3]
+            # uc = K (X - mean): the contraction's output centred at its batch mean W2 b
+            # (docs/design.md section 3), from the centred positions, so nothing cancels
+            # and a constant batch gives exactly zero, as in the literal BatchNorm.
+            # (A BatchNorm'd expansion in eval mode before a training one, exp.shift None:
+            # the output is centred at its own mean, accumulated in float64.)
+            if exp.shift is not None:
+                uc = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None],
+                              (-(K @ exp.shift)).to(f_in.dtype))
+            else:
+                u = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None], k.to(f_in.dtype))
+                mean_u = u.mean(dim=(0, 2, 3), dtype=torch.float64).to(u.dtype)
+                uc, k = u - mean_u[:, None, None], mean_u.to(K.dtype)
+            var2, mean_uc = torch.var_mean(uc.to(K.dtype), dim=(0, 2, 3), correction=0)
+            count = uc.shape[0] * uc.shape[2] * uc.shape[3]      # var2 >= 0: from data
             if sync is not None:
-                mean2, var2, count = distributed.global_moments(mean2, var2, count, sync[0])
+                # uc is centred at the global mean: the global variance is the mean square
+                sq = (var2 + mean_uc.square()) * count
+                total = distributed.all_reduce_sum(torch.cat([sq, sq.new_full((1,), count)]),
+                                                   sync[0])
+                var2, count = total[:-1] / total[-1], total[-1]
             gamma2, beta2 = algebra.affine_params(bn2, K.dtype)
             a2 = gamma2 * torch.rsqrt(var2 + bn2.eps)
             if st2.update:
+                mean2 = W2 @ exp.b if exp.shift is not None else k
                 algebra.update_running(bn2, st2, mean2, var2, count)
-            return torch.addcmul((beta2 - a2 * mean2)[:, None, None], u, a2[:, None, None])
+            # a2 (uc - its batch mean) + beta2: the mean is a rounding residual here, but
+            # normalising with the same statistics the variance used keeps the pair exact
+            return torch.addcmul((beta2 - a2 * mean_uc)[:, None, None], uc, a2[:, None, None])
         if bn2 is not None:
             K, k = algebra.fold_affine(K, k, *algebra.eval_affine(bn2, K.shape[0], K.dtype,
                                                                   K.device))

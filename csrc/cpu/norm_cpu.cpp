@@ -81,10 +81,17 @@ void centre_rows(T* d, int64_t K, int64_t c0, int64_t c1, double* row_mean) {
   for (int64_t c = c0; c < c1; ++c) {
     T* dp = d + c * K;
     const double m = row_sum(dp, K) / static_cast<double>(K);
-    row_mean[c] = m;
     const T mt = static_cast<T>(m);
     NF_SIMD
     for (int64_t k = 0; k < K; ++k) dp[k] -= mt;
+    // Second pass: the mean of the residuals corrects the first mean's rounding (the
+    // block sums above round in T). A constant row then centres to exactly zero, as
+    // the literal's BatchNorm does (docs/design.md section 3).
+    const double r = row_sum(dp, K) / static_cast<double>(K);
+    const T rt = static_cast<T>(r);
+    NF_SIMD
+    for (int64_t k = 0; k < K; ++k) dp[k] -= rt;
+    row_mean[c] = static_cast<double>(mt) + static_cast<double>(rt);
   }
 }
 

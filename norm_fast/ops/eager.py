@@ -66,6 +66,11 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     xf = x.to(cdt)
     mean = xf.sum(dim=(0, 2)) / P
     xc = xf - mean[None, :, None]
+    # Corrected two-pass mean: the residuals' mean removes the first sum's rounding, so
+    # a constant channel centres to exactly zero (as in the literal's BatchNorm).
+    corr = xc.sum(dim=(0, 2)) / P
+    mean = mean + corr
+    xc = xc - corr[None, :, None]
     cov = torch.tensordot(xc, xc, dims=([0, 2], [0, 2])) / P
     return mean, cov
 
@@ -152,7 +157,9 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
         nb = b1 - b0
         ef = e.reshape(nb, n * C_t, L)
         if da is not None:
-            da += torch.tensordot(ef, xc, dims=([0, 2], [0, 2]))
+            # 2g applied to xc before the product: E xc^T cannot overflow where the
+            # literal's gradient, scaled element by element, does not
+            da += torch.tensordot(ef, xc * g2, dims=([0, 2], [0, 2]))
         if db is not None:
             db += ef.sum(dim=(0, 2))
         if dx is not None:
@@ -164,7 +171,7 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
     return (
         (dx * g2).to(x.dtype) if want_x else empty,
         (dt * g2).to(t.dtype) if want_t else empty,
-        da * g2 if want_a else empty,
+        da if want_a else empty,
         db * g2 if want_b else empty,
         dshift,
     )
