@@ -252,11 +252,18 @@ def test_backend_surface_and_interpreter_cleanup():
     assert ok and why.startswith("triton ")
     for name in ("moments", "moments_backward", "expand_mse_forward", "expand_mse_backward"):
         assert callable(getattr(triton_backend, name))
+    import triton.language as tl
     from triton.runtime.jit import JITFunction
     before = JITFunction.__call__
+    lang_before = (tl.arange, tl.load, tl.core.arange, tl.tensor.__add__)
     x = torch.randn(2, 5, 3, dtype=torch.float64)
-    triton_backend.moments(x)
+    triton_backend.moments(x)  # calls tl.sum: a nested JITFunction
+    x, t, a, b, s = _problem(1, 5, 5, 15, 2, True, "contiguous", torch.float64, "cpu")
+    triton_backend.expand_mse_forward(x, t, a, b, s, 2, False)  # our own nested helpers
     assert JITFunction.__call__ is before  # the interpreter shim is scoped to a launch
+    # ... and so is the interpreter's patch of triton.language, nested calls included
+    # (left in place, it breaks every later compilation in the process).
+    assert (tl.arange, tl.load, tl.core.arange, tl.tensor.__add__) == lang_before
 
 
 def _compile_for_sm90(kernel, pointer_types, constexprs, num_warps):

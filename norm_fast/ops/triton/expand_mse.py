@@ -40,6 +40,52 @@ from ..spec import DEFAULT_CHUNK_BYTES, compute_dtype
 
 
 @triton.jit
+def _x_slab(x_ptr, shift_ptr, k0, x_col, mask_cols, sxc, C_s,
+            HAS_SHIFT: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_K, BLOCK_P) slab of the centred student, x[k0:k0+BLOCK_K, cols] - shift.
+
+    x_col (BLOCK_P,) int64: offset of x[b, 0, l] of each column; mask_cols (BLOCK_P,).
+    Rows past C_s read 0 and stay 0; masked columns hold -shift, which only ever meets
+    masked-out outputs.
+    """
+    k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = k < C_s
+    xt = tl.load(x_ptr + k.to(tl.int64)[:, None] * sxc + x_col[None, :],
+                 mask=mask_k[:, None] & mask_cols[None, :], other=0.0).to(ACC)
+    if HAS_SHIFT:
+        s = tl.load(shift_ptr + k, mask=mask_k, other=0.0)
+        xt = xt - s[:, None]
+    return xt
+
+
+@triton.jit
+def _segment_error(x_ptr, a_ptr, b_ptr, shift_ptr, rows, mask_c, x_col, mask_cols, t_tile,
+                   C_s, sxc,
+                   HAS_SHIFT: tl.constexpr, ACC: tl.constexpr, RND: tl.constexpr,
+                   DOT: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The segment loop shared by both kernels: the (BLOCK_C, BLOCK_P) error tile
+
+        E_i[c, p] = a[rows] (x[:, p] - shift) + b[rows] - t_tile      (ACC, unmasked)
+
+    rows (BLOCK_C,) int64: rows of segment i in a / b (masked by mask_c); the product
+    runs over C_s in BLOCK_K slabs with tl.dot. RND: operands rounded to the input dtype
+    (16-bit inputs); DOT: the dtype tl.dot multiplies in; accumulation stays in ACC.
+    """
+    acc = tl.full((BLOCK_C, BLOCK_P), 0.0, ACC)
+    for k0 in range(0, C_s, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a_tile = tl.load(a_ptr + rows[:, None] * C_s + k.to(tl.int64)[None, :],
+                         mask=mask_c[:, None] & (k < C_s)[None, :], other=0.0)
+        x_tile = _x_slab(x_ptr, shift_ptr, k0, x_col, mask_cols, sxc, C_s,
+                         HAS_SHIFT, ACC, BLOCK_K)
+        acc += tl.dot(a_tile.to(RND).to(DOT), x_tile.to(RND).to(DOT),
+                      input_precision=PREC).to(ACC)
+    bias = tl.load(b_ptr + rows, mask=mask_c, other=0.0)
+    return acc + bias[:, None] - t_tile
+
+
+@triton.jit
 def _expand_mse_fwd_kernel(
     x_ptr, t_ptr, a_ptr, b_ptr, shift_ptr, part_ptr, err_ptr,
     L, P, C_s, C_t, n,
@@ -84,27 +130,9 @@ def _expand_mse_fwd_kernel(
     # instead of a third (BLOCK_C, BLOCK_P) tile keeps register pressure down on GPU.
     sq = tl.full((BLOCK_C,), 0.0, ACC)
     for i in range(n):
-        rows = i * C_t + c64  # rows of segment i in a / b
-        acc = tl.full((BLOCK_C, BLOCK_P), 0.0, ACC)
-        for k0 in range(0, C_s, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = k < C_s
-            k64 = k.to(tl.int64)
-            a_tile = tl.load(a_ptr + rows[:, None] * C_s + k64[None, :],
-                             mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-            x_tile = tl.load(x_ptr + k64[:, None] * sxc + x_col[None, :],
-                             mask=mask_k[:, None] & mask_p[None, :], other=0.0).to(ACC)
-            if HAS_SHIFT:
-                # Shift on load. Rows past C_s read shift 0 (stay 0); columns past P
-                # become -shift but only meet masked-out outputs.
-                s = tl.load(shift_ptr + k, mask=mask_k, other=0.0)
-                x_tile = x_tile - s[:, None]
-            # RND: operands rounded to the input dtype (16-bit inputs), DOT: the dtype
-            # tl.dot multiplies in; accumulation stays in ACC.
-            acc += tl.dot(a_tile.to(RND).to(DOT), x_tile.to(RND).to(DOT),
-                          input_precision=PREC).to(ACC)
-        bias = tl.load(b_ptr + rows, mask=mask_c, other=0.0)
-        e = acc + bias[:, None] - t_tile
+        e = _segment_error(x_ptr, a_ptr, b_ptr, shift_ptr, i * C_t + c64, mask_c, x_col,
+                           mask_p, t_tile, C_s, sxc, HAS_SHIFT, ACC, RND, DOT, PREC,
+                           BLOCK_C, BLOCK_P, BLOCK_K)
         e = tl.where(mask_cp, e, 0.0)
         sq += tl.sum(e * e, axis=1)
         if STORE_ERR:
@@ -133,7 +161,7 @@ def _expand_mse_bwd_err_kernel(
 
     e_ptr  (n*C_t, Pc) contiguous ACC: g2 * E_i[c, p0 + q] at row i*C_t + c (WRITE_E)
     xc_ptr (C_s, Pc)   contiguous ACC: x - shift of the chunk, written by the
-                       pid_c == 0 programs during segment 0 (WRITE_XC)
+                       pid_c == 0 programs (WRITE_XC)
     dt_ptr (B, C_t, L) contiguous, t's dtype: -g2 * sum_i E_i at p0 + q (WRITE_DT);
                        the teacher tile is loaded once for all segments.
     Other arguments as in `_expand_mse_fwd_kernel`.
@@ -152,6 +180,15 @@ def _expand_mse_bwd_err_kernel(
     q64 = q.to(tl.int64)
     x_col = bi * sxb + li * sxl
 
+    if WRITE_XC:
+        if pid_c == 0:  # one writer per position tile
+            for k0 in range(0, C_s, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                xt = _x_slab(x_ptr, shift_ptr, k0, x_col, mask_q, sxc, C_s, HAS_SHIFT, ACC,
+                             BLOCK_K)
+                tl.store(xc_ptr + k.to(tl.int64)[:, None] * Pc + q64[None, :], xt,
+                         mask=(k < C_s)[:, None] & mask_q[None, :])
+
     t_off = bi[None, :] * stb + c64[:, None] * stc + li[None, :] * stl
     t_tile = tl.load(t_ptr + t_off, mask=mask_cq, other=0.0).to(ACC)
     g2 = tl.load(g2_ptr)
@@ -159,30 +196,10 @@ def _expand_mse_bwd_err_kernel(
     e_sum = tl.full((BLOCK_C, BLOCK_P), 0.0, ACC)
     for i in range(n):
         rows = i * C_t + c64
-        acc = tl.full((BLOCK_C, BLOCK_P), 0.0, ACC)
-        for k0 in range(0, C_s, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = k < C_s
-            k64 = k.to(tl.int64)
-            a_tile = tl.load(a_ptr + rows[:, None] * C_s + k64[None, :],
-                             mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-            mask_kq = mask_k[:, None] & mask_q[None, :]
-            x_tile = tl.load(x_ptr + k64[:, None] * sxc + x_col[None, :],
-                             mask=mask_kq, other=0.0).to(ACC)
-            if HAS_SHIFT:
-                s = tl.load(shift_ptr + k, mask=mask_k, other=0.0)
-                x_tile = x_tile - s[:, None]
-            if WRITE_XC:
-                # One writer per position tile: the channel-tile-0 program, during
-                # segment 0 (pid_c + i == 0 exactly then: both are >= 0). Built as a
-                # (BLOCK_P,) vector: the interpreter rejects a scalar-and-block mask.
-                writer = (q * 0 + pid_c + i) == 0
-                tl.store(xc_ptr + k64[:, None] * Pc + q64[None, :], x_tile,
-                         mask=mask_kq & writer[None, :])
-            acc += tl.dot(a_tile.to(RND).to(DOT), x_tile.to(RND).to(DOT),
-                          input_precision=PREC).to(ACC)
-        bias = tl.load(b_ptr + rows, mask=mask_c, other=0.0)
-        e = tl.where(mask_cq, (acc + bias[:, None] - t_tile) * g2, 0.0)
+        e = _segment_error(x_ptr, a_ptr, b_ptr, shift_ptr, rows, mask_c, x_col, mask_q,
+                           t_tile, C_s, sxc, HAS_SHIFT, ACC, RND, DOT, PREC,
+                           BLOCK_C, BLOCK_P, BLOCK_K)
+        e = tl.where(mask_cq, e * g2, 0.0)
         e_sum += e
         if WRITE_E:
             tl.store(e_ptr + rows[:, None] * Pc + q64[None, :], e, mask=mask_cq)

@@ -12,7 +12,8 @@ The interpreter only rewrites the launched kernel itself; library functions of
 stay ``JITFunction`` objects when the environment variable was unset at import time, and
 calling one outside a compiled kernel raises. `_interpreter_patches` therefore interprets
 such nested calls too, for the duration of one launch (what ``TRITON_INTERPRET=1`` does
-at decoration time). Our own kernels call no ``@triton.jit`` helpers of their own.
+at decoration time); our kernels' own ``@triton.jit`` helpers (the segment loop of
+expand_mse.py) go the same way.
 The same context also papers over one Triton 3.6 interpreter incompatibility with
 NumPy >= 2.4 (see `_interpreter_patches`).
 """
@@ -46,7 +47,8 @@ def _interpreted(fn: Callable) -> InterpretedFunction:
 def _interpreter_patches():
     """Within the block, interpreted kernels can call library JITFunctions and loop.
 
-    1. Calling any JITFunction runs it under the interpreter. Outside a kernel
+    1. Calling any JITFunction runs it under the interpreter, its ``triton.language``
+       patch scoped to the call. Outside a kernel
        ``JITFunction.__call__`` only raises, and compiled launches never call it (code
        generation walks the AST), so replacing it for the duration of an interpreted
        launch cannot change a compiled kernel running beside it.
@@ -60,7 +62,15 @@ def _interpreter_patches():
     original_patch = getattr(_interp_mod, "_patch_lang_tensor", None)
 
     def call(self, *args, **kwargs):
-        return _interpreted(self.fn)(*args, **kwargs)
+        # What InterpretedFunction.__call__ does (patch the callee's triton.language,
+        # run its rewritten body), except that it restores the patch afterwards: Triton's
+        # own device-call path leaves `tl` patched for good (3.6 and 3.9), after which
+        # compiling any kernel in the process fails.
+        scope = _interp_mod._patch_lang(self.fn)
+        try:
+            return _interpreted(self.fn).rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
 
     def patch_lang_tensor(tensor, scope, *rest, **kw):
         original_patch(tensor, scope, *rest, **kw)
