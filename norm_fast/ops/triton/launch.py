@@ -101,8 +101,10 @@ def launch(kernel: JITFunction, grid: Tuple[int, ...], args: Sequence[Any],
     program by program, on the host copies of the tensors.
     """
     if device.type == "cuda":
+        # num_warps=None: an autotuned kernel, whose configurations carry them.
+        tune = {} if num_warps is None else dict(num_warps=num_warps, num_stages=num_stages)
         with torch.cuda.device(device):
-            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            kernel[grid](*args, **constexprs, **tune)
         return
     with _INTERPRETER_LOCK, _interpreter_patches():
         _interpreted(kernel.fn)[grid](*args, **constexprs)
@@ -127,18 +129,34 @@ def tl_dtype(dtype: torch.dtype):
     }[dtype]
 
 
-def dot_dtypes(in_dtype: torch.dtype, interpreted: bool):
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def check_precision(precision: str) -> str:
+    """`precision` if it is one of PRECISIONS, else ValueError."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def dot_dtypes(in_dtype: torch.dtype, interpreted: bool, precision: str = "ieee"):
     """(operand rounding dtype, tl.dot operand dtype, input_precision) for `in_dtype`.
 
-    float64 and float32 multiply exactly in their own dtype (``"ieee"``: no TF32, like
-    torch's default matmul). float16/bfloat16 inputs round the tile operands to the input
-    dtype and accumulate in float32 (tensor cores on GPU). The interpreter's ``tl.dot``
-    misreads bfloat16 operands (it multiplies their raw 16-bit patterns), so there the
-    operands are rounded to the input dtype and multiplied as float32: the same products.
+    float64 multiplies exactly ("ieee", DMMA on GPU). float32 multiplies with the
+    requested `precision` when compiled ("ieee": exact products on CUDA cores; "tf32":
+    tensor cores, operands rounded to 10-bit mantissas; "tf32x3": three TF32 products,
+    near float32); the interpreter always multiplies exactly (numpy), whatever
+    `precision` says. float16/bfloat16 inputs round the tile operands to the input
+    dtype and accumulate in float32 (tensor cores on GPU; `precision` does not apply).
+    The interpreter's ``tl.dot`` misreads bfloat16 operands (it multiplies their raw
+    16-bit patterns), so there the operands are rounded to the input dtype and
+    multiplied as float32: the same products.
     """
-    if in_dtype in (torch.float64, torch.float32):
-        t = tl_dtype(in_dtype)
-        return t, t, "ieee"
+    check_precision(precision)
+    if in_dtype == torch.float64:
+        return tl.float64, tl.float64, "ieee"
+    if in_dtype == torch.float32:
+        return tl.float32, tl.float32, ("ieee" if interpreted else precision)
     rnd = tl_dtype(in_dtype)
     if interpreted and in_dtype == torch.bfloat16:
         return rnd, tl.float32, "ieee"
