@@ -268,16 +268,26 @@ def test_backend_surface_and_interpreter_cleanup():
 
 
 def _compile_for_sm90(kernel, pointer_types, constexprs, num_warps, num_stages=2):
-    """Compile `kernel` for sm_90 ahead of time (no GPU needed: frontend, LLVM, ptxas)."""
+    """Compile `kernel` for sm_90 ahead of time (no GPU needed: frontend, LLVM, ptxas),
+    with the register ceiling its GPU launches use."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {name: ("constexpr" if name in constexprs else pointer_types.get(name, "i32"))
                  for name in kernel.arg_names}
-    src = ASTSource(kernel, signature, constexprs=dict(constexprs))
+    # What the JIT specialises at run time for the usual shapes: 16-byte aligned tensors,
+    # sizes and strides divisible by 16 (C_s, C_t, B*L, chunk starts; not n, not unit
+    # strides). Masks and address runs are analysed with these (vector widths).
+    div16 = {"P", "Pc", "p0", "C_s", "C_t", "C", "span", "P_BUCKET", "sxb", "sxc", "stb",
+             "stc"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if name not in constexprs and (signature[name].startswith("*") or name in div16)}
+    src = ASTSource(kernel, signature, constexprs=dict(constexprs), attrs=attrs)
+    maxnreg = None if kernel is moments_mod._moments_kernel else _triton_launch.MAXNREG
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages,
+                                       maxnreg=maxnreg))
 
 
 def ptxas_usage(compiled):
@@ -451,3 +461,41 @@ def test_backward_16bit_gemm_operands(dtype, stored, device, monkeypatch):
         assert seen and all(d == (dtype, dtype, dtype) for d in seen), seen
     for name, g, w in zip(("dx", "dt", "da", "db", "dshift"), got, want):
         _close(g.double(), w, 4 * u, f"{dtype} {name}")
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contiguous_positions_load_as_vectors(dtype):
+    """With L a compile-time constant and unit stride along l (X_CONTIG / T_CONTIG), the
+    x and t tiles load 16 bytes a thread when L has a power-of-two factor (32x32 maps);
+    with a run-time stride along l they load element by element."""
+    _need_aot()
+    name, kernel, ptrs, consts, warps, stages = next(gpu_kernel_builds(dtype, L=1024))
+    assert name.startswith("fwd") and "resident" not in name
+    vec = _compile_for_sm90(kernel, ptrs, consts, warps, stages).asm["ptx"]
+    scalar = _compile_for_sm90(kernel, ptrs, dict(consts, X_CONTIG=False, T_CONTIG=False),
+                               warps, stages).asm["ptx"]
+    # (the bias and shift vectors load as v4 in both)
+    assert vec.count("ld.global.v4") > scalar.count("ld.global.v4")
+
+
+def test_autotune_set_and_pruning(monkeypatch):
+    """The autotuner (CUDA only) tries exactly the kernel's list for the input dtype,
+    clamped to the problem; NORM_FAST_TRITON_AUTOTUNE=0 turns it off."""
+    import triton
+    tuned = expand_mse._tuned(expand_mse._expand_mse_fwd_kernel)
+    assert isinstance(tuned, triton.runtime.autotuner.Autotuner)
+    assert tuned.keys == ["P_BUCKET", "C_s", "C_t", "n"]
+    configs = expand_mse._all_configs()
+    for kind, table in expand_mse.GPU_CONFIGS.items():
+        for dtype, cfgs in table.items():
+            P, C_s, C_t = (10**5, 512, 512) if dtype != torch.float16 else (1000, 40, 19)
+            args = dict(x_ptr=torch.empty(0, dtype=dtype), C_s=C_s, C_t=C_t,
+                        **({"P": P} if kind == "fwd" else {"Pc": P}))
+            kept = expand_mse._prune(configs, args)
+            assert sorted(map(expand_mse._config_tuple, kept)) == sorted(
+                {expand_mse._clamp(P, C_s, C_t, c) for c in cfgs}), (kind, dtype)
+    monkeypatch.setenv("NORM_FAST_TRITON_AUTOTUNE", "0")
+    assert not expand_mse.autotune_enabled()
+    monkeypatch.setenv("NORM_FAST_TRITON_AUTOTUNE", "1")
+    assert expand_mse.autotune_enabled()

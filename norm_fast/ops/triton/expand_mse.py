@@ -1,25 +1,51 @@
 """Triton kernels of the expand+MSE op: sum_i ||a_i (x - shift) + b_i - t||^2.
 
-Contract: `norm_fast/ops/spec.py`, written out in `norm_fast/ops/eager.py` (same signatures, returns, dtypes). Sizes:
+Contract: `norm_fast/ops/spec.py`, written out in `norm_fast/ops/eager.py` (same
+signatures, returns, dtypes; plus the `precision` keyword below). Sizes:
 
     x : (B, C_s, L) any strides     t : (B, C_t, L) any strides     P = B * L
     a : (n*C_t, C_s)                b : (n*C_t,)                    shift : (C_s,) or None
     E_i[:, p] = a_i (x[:, p] - shift) + b_i - t[:, p]      segment i = rows i*C_t:(i+1)*C_t
 
-This is the literal (direct) form of the NORM loss of DESIGN.md section 1 with the
+This is the literal (direct) form of the NORM loss of docs/design.md section 1 with the
 BatchNorm folded into (a, b) (section 3), and with n == 1 the decomposed algorithm's one
 residual R = Abar Xc + bbar - T (section 4). Neither direction ever holds an
 n*C_t*P tensor (section 5, last paragraph):
 
 * forward: one fused kernel. A program owns a tile of positions and a tile of teacher
   channels; it loads its teacher tile once, and for each of the n segments forms
-  a_i (x - shift) for that tile with tl.dot over C_s, subtracts the teacher tile, squares
-  and accumulates. One partial sum per program, summed by torch (deterministic).
-* backward: chunks of positions. A kernel recomputes the scaled error 2g*E of the chunk
+  a_i (x - shift) for that tile with tl.dot over C_s (`_segment_error`, shared with the
+  backward), subtracts the teacher tile, squares and accumulates. One partial sum per
+  program, summed by torch (deterministic).
+* backward: chunks of positions. A kernel recomputes the error E of the chunk
   (n*C_t x chunk, at most `chunk_bytes`), the centred student chunk, and the teacher
   gradient of the chunk in the same pass; two GEMMs then give da and dx.
 
-Accumulation is in the compute dtype: float64 for float64 inputs, float32 otherwise.
+Loop order. For a fixed (position tile, channel tile) the x K-slabs are the same for
+every segment, so the ideal is to read each once. Holding all of them needs C_s x
+BLOCK_P values (C_s = 2048, 64 positions: 512 KB in float32), far beyond registers or
+shared memory (228 KB per SM); swapping the loops (K outside, segments inside) would
+instead need n accumulator tiles. So: when C_s fits one K slab (C_s <= BLOCK_K) the slab
+is loaded once and kept in registers for all segments (X_RESIDENT); otherwise each
+segment re-reads the slabs, which hit L2 (one position tile's x panel is C_s * BLOCK_P
+elements, read by grid_c * n programs close together in time).
+
+Addressing. L (the spatial size) is a compile-time constant, so `p // L`, `p % L` are
+multiply-shifts and the compiler sees runs of consecutive l; with unit stride along l
+(X_CONTIG / T_CONTIG) the x and t tiles load 16 bytes a thread when L has a power-of-two
+factor (e.g. 32x32, 56x56 maps; not 7x7). One compiled variant per distinct L.
+
+Precision. Accumulation is in the compute dtype: float64 for float64 inputs, float32
+otherwise. float32 products follow `precision` ("ieee" exact, "tf32" tensor cores,
+"tf32x3"); 16-bit inputs multiply 16-bit operands on tensor cores, in the kernels and in
+the backward's GEMMs (E, xc and a rounded once to the input dtype). The moments kernel
+(covariance, precision-sensitive) is always exact. The interpreter (CPU tensors) always
+multiplies exactly.
+
+Tuning. On CUDA the block sizes are autotuned per kernel over a small pruned set
+(`GPU_CONFIGS`, all spill-free on sm_90), keyed on (position-count bucket, C_s, C_t, n,
+dtypes, compile-time constants); see `autotune_enabled` for the first-call cost, the
+determinism switch and CUDA-graph capture. The interpreter uses its own large blocks.
 """
 from __future__ import annotations
 
@@ -359,7 +385,8 @@ def _all_configs():
                     for k2 in (16, 32, 64):
                         seen.add((min(bp, p2), min(bc, c2), min(bk, k2), warps, stages))
     return [triton.Config(dict(BLOCK_P=bp, BLOCK_C=bc, BLOCK_K=bk), num_warps=w,
-                          num_stages=st) for bp, bc, bk, w, st in sorted(seen)]
+                          num_stages=st, maxnreg=tlaunch.MAXNREG)
+            for bp, bc, bk, w, st in sorted(seen)]
 
 
 def _with_residency(kernel):
@@ -389,7 +416,8 @@ def _launch(kernel, kind: str, P: int, C_s: int, C_t: int, args, consts, device,
         tlaunch.launch(kernel, grid_of(bp, bc), args,
                        dict(consts, BLOCK_P=bp, BLOCK_C=bc, BLOCK_K=bk,
                             X_RESIDENT=C_s <= bk),
-                       device, num_warps=warps, num_stages=stages)
+                       device, num_warps=warps, num_stages=stages,
+                       maxnreg=tlaunch.MAXNREG)
         return bp, bc
     tuned = _TUNED.get(kernel)
     if tuned is None:

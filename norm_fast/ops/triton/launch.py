@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -87,6 +87,15 @@ def _interpreter_patches():
             _interp_mod._patch_lang_tensor = original_patch
 
 
+# Register ceiling handed to ptxas (.maxnreg) for the GPU launches of the expand_mse
+# kernels: without one, ptxas sometimes settles on 128 registers a thread and spills a
+# few bytes (float64 forward 64x32x16 with Triton 3.9: 28 B; float32 forward 64x64x16,
+# x resident, with 3.6: 8 B) where 128 < need <= 255 would not spill. 255 is the
+# hardware maximum. Not for the moments kernel: with it, ptxas (3.9) takes all 255 and
+# spills 28 B there, and without it uses 151 and none.
+MAXNREG = 255
+
+
 def uses_interpreter(t: torch.Tensor) -> bool:
     """True when kernels on `t` run under the interpreter (any non-CUDA tensor)."""
     return t.device.type != "cuda"
@@ -94,15 +103,17 @@ def uses_interpreter(t: torch.Tensor) -> bool:
 
 def launch(kernel: JITFunction, grid: Tuple[int, ...], args: Sequence[Any],
            constexprs: Dict[str, Any], device: torch.device, num_warps: int = 4,
-           num_stages: int = 2) -> None:
+           num_stages: int = 2, maxnreg: Optional[int] = None) -> None:
     """Launch `kernel` on `grid` with positional `args` and constexpr keywords.
 
-    CUDA: compiled launch (num_warps/num_stages apply). Anything else: interpreted,
+    CUDA: compiled launch (num_warps/num_stages/maxnreg apply; num_warps=None for an
+    autotuned kernel, whose configurations carry them). Anything else: interpreted,
     program by program, on the host copies of the tensors.
     """
     if device.type == "cuda":
-        # num_warps=None: an autotuned kernel, whose configurations carry them.
         tune = {} if num_warps is None else dict(num_warps=num_warps, num_stages=num_stages)
+        if num_warps is not None and maxnreg is not None:
+            tune["maxnreg"] = maxnreg
         with torch.cuda.device(device):
             kernel[grid](*args, **constexprs, **tune)
         return
