@@ -485,7 +485,9 @@ def test_autotune_set_and_pruning(monkeypatch):
     import triton
     tuned = expand_mse._tuned(expand_mse._expand_mse_fwd_kernel)
     assert isinstance(tuned, triton.runtime.autotuner.Autotuner)
-    assert tuned.keys == ["P_BUCKET", "C_s", "C_t", "n"]
+    assert tuned.keys[:5] == ["P_BUCKET", "C_s", "C_t", "n", "L"] and "PREC" in tuned.keys
+    assert "STORE_ERR" in tuned.keys
+    assert "WRITE_XC" in expand_mse._tuned(expand_mse._expand_mse_bwd_err_kernel).keys
     configs = expand_mse._all_configs()
     for kind, table in expand_mse.GPU_CONFIGS.items():
         for dtype, cfgs in table.items():
@@ -499,3 +501,45 @@ def test_autotune_set_and_pruning(monkeypatch):
     assert not expand_mse.autotune_enabled()
     monkeypatch.setenv("NORM_FAST_TRITON_AUTOTUNE", "1")
     assert expand_mse.autotune_enabled()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_autotuned_launch_glue_on_interpreter(dtype, monkeypatch):
+    """The autotuned GPU path's host code, run on the interpreter: a stand-in for the
+    autotuner picks the *last* configuration its pruning keeps (not the default),
+    records it as `best_config` as Triton's does, and launches the kernel with it and
+    the residency heuristic. The grid, the partial-sum buffer and the backward chunks
+    must follow whichever configuration ran."""
+    from triton.runtime.autotuner import Autotuner
+    launch = _triton_launch.launch
+    used = []
+
+    def fake_launch(kernel, grid, args, constexprs, device, num_warps=4, **kw):
+        if not isinstance(kernel, Autotuner):
+            return launch(kernel, grid, args, constexprs, device, num_warps=num_warps, **kw)
+        assert num_warps is None and callable(grid)
+        nargs = dict(zip(kernel.arg_names, args))
+        cfg = kernel.early_config_prune(kernel.configs, nargs)[-1]
+        kernel.best_config = cfg
+        meta = dict(constexprs, **cfg.kwargs)
+        meta.update({k: h({**nargs, **meta}) for k, h in kernel.fn.values.items()})
+        used.append((kernel.fn.fn.fn.__name__, cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_C"]))
+        return launch(kernel.fn.fn, grid(meta), args, meta, device)
+
+    monkeypatch.setattr(_triton_launch, "launch", fake_launch)
+    monkeypatch.setattr(_triton_launch, "uses_interpreter", lambda t: False)
+    monkeypatch.setenv("NORM_FAST_TRITON_AUTOTUNE", "1")
+    B, C_s, C_t, L, n = 3, 40, 70, 49, 2
+    x, t, a, b, s = _problem(B, C_s, C_t, L, n, True, "channels_last", dtype, "cpu")
+    rtol = RTOL[dtype]
+    _close(triton_backend.expand_mse_forward(x, t, a, b, s, n, False)[0],
+           torch_ops.expand_mse_forward(x, t, a, b, s, n, False)[0], rtol, "loss")
+    grad = torch.tensor(0.5, dtype=torch_ops.compute_dtype(dtype))
+    got = triton_backend.expand_mse_backward(grad, x, t, a, b, s, n, None, [True] * 5,
+                                             chunk_bytes=100 * n * C_t * 8)
+    want = torch_ops.expand_mse_backward(grad, x, t, a, b, s, n, None, [True] * 5)
+    for name, g, w in zip(("dx", "dt", "da", "db", "dshift"), got, want):
+        _close(g, w, rtol, name)
+    kinds = {u[0] for u in used}
+    assert kinds == {"_expand_mse_fwd_kernel", "_expand_mse_bwd_err_kernel"}, used
+    assert any(u[1:] != expand_mse.GPU_CONFIGS["fwd"][dtype][0][:2] for u in used), used

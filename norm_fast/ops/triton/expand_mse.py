@@ -320,7 +320,7 @@ def autotune_enabled() -> bool:
     """Autotuning of the GPU block sizes: on unless NORM_FAST_TRITON_AUTOTUNE=0.
 
     Cost: the first launch for each new key (position-count bucket, C_s, C_t, n, dtypes,
-    and the compile-time constants L, HAS_SHIFT, ...) compiles every configuration of
+    L and the other compile-time constants in `_TUNE_KEY`) compiles every configuration of
     the dtype that survives the pruning (at most 5) and times each with
     `triton.testing.do_bench` (about 25 ms of warm-up + 100 ms of repetitions each): on
     the order of a second per key, once per process (with ``cache_results`` the choice
@@ -394,8 +394,15 @@ def _with_residency(kernel):
     return triton.heuristics({"X_RESIDENT": lambda a: a["C_s"] <= a["BLOCK_K"]})(kernel)
 
 
+# The autotuner's key: sizes, and the compile-time constants that change the work (Triton
+# adds the dtypes of the tensor arguments itself).
+_TUNE_KEY = ["P_BUCKET", "C_s", "C_t", "n", "L", "X_CONTIG", "T_CONTIG", "HAS_SHIFT", "PREC"]
+_TUNE_FLAGS = {"_expand_mse_fwd_kernel": ["STORE_ERR"],
+               "_expand_mse_bwd_err_kernel": ["WRITE_E", "WRITE_XC", "WRITE_DT"]}
+
+
 def _tuned(kernel):
-    kw = dict(configs=_all_configs(), key=["P_BUCKET", "C_s", "C_t", "n"],
+    kw = dict(configs=_all_configs(), key=_TUNE_KEY + _TUNE_FLAGS[kernel.fn.__name__],
               prune_configs_by={"early_config_prune": _prune})
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         kw["cache_results"] = True
