@@ -13,7 +13,9 @@ here and two or three kernels there; a cuBLAS GEMM is one of each).
 
 `LaunchCounter` is a TorchDispatchMode that
 - skips operators that only make views or metadata or allocate without writing
-  (`NO_LAUNCH`: view, reshape, as_strided, t, transpose, expand, detach, empty, ...);
+  (`NO_LAUNCH`: view, as_strided, t, transpose, expand, detach, empty, ...), and counts
+  those that copy only when needed (`MAYBE_VIEW`: to, reshape, contiguous, ...) only
+  when they did copy;
 - runs the bodies of norm_fast's custom ops under itself, so what they call is counted
   (the custom op itself is not: it launches nothing of its own);
 - counts each call of `norm_fast.ops.triton.launch.launch` (Triton kernels; under the
@@ -34,15 +36,27 @@ aten = torch.ops.aten
 
 # Operators that make views, change metadata or allocate uninitialised memory: no kernel.
 NO_LAUNCH = {
-    aten.view, aten._unsafe_view, aten.reshape, aten._reshape_alias, aten.as_strided,
+    aten.view, aten._unsafe_view, aten._reshape_alias, aten.as_strided,
     aten.t, aten.transpose, aten.permute, aten.expand, aten.detach, aten.alias,
+    aten.numpy_T, aten.expand_as,
     aten.squeeze, aten.unsqueeze, aten.select, aten.slice, aten.split, aten.unbind,
-    aten.diagonal, aten.view_as, aten.unflatten, aten.flatten, aten.lift_fresh,
+    aten.diagonal, aten.view_as, aten.unflatten, aten.lift_fresh,
     aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
     aten.new_empty_strided, aten.split_with_sizes, aten.chunk, aten.narrow,
     aten.set_, aten.resize_, aten.is_same_size, aten.sym_size, aten.sym_stride,
     aten.sym_numel, aten.sym_storage_offset, aten.is_contiguous,
 }
+
+# Operators that return their input (or a view of it) when they can, and copy otherwise:
+# counted only when the result does not share the input's storage.
+MAYBE_VIEW = {aten.to, aten.reshape, aten.contiguous, aten.flatten, aten.type_as,
+              aten._to_copy}
+
+
+def _shares_storage(out, inp) -> bool:
+    if not (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor)):
+        return False
+    return out.untyped_storage().data_ptr() == inp.untyped_storage().data_ptr()
 
 
 class LaunchCounter(TorchDispatchMode):
@@ -93,9 +107,13 @@ class LaunchCounter(TorchDispatchMode):
             body = getattr(custom_ops, func._opname)._init_fn
             with self:
                 return body(*args, **kwargs)
-        if func.overloadpacket not in NO_LAUNCH:
+        out = func(*args, **kwargs)
+        if func.overloadpacket in MAYBE_VIEW:
+            if not _shares_storage(out, args[0] if args else None):
+                self.by_op[func.overloadpacket.__name__] += 1  # it copied
+        elif func.overloadpacket not in NO_LAUNCH:
             self.by_op[func.overloadpacket.__name__] += 1
-        return func(*args, **kwargs)
+        return out
 
 
 def count_training_step(mod: torch.nn.Module, f_s: torch.Tensor, f_t: torch.Tensor

@@ -217,13 +217,13 @@ def _expand_mse_bwd_err_kernel(
     ACC: tl.constexpr, RND: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Error, centred student and teacher gradient of one position chunk.
+    """Scaled error, centred student and teacher gradient of one position chunk.
 
     The chunk is positions p0 + q, q in [0, Pc); program (pid_p, pid_c) covers
     q in [pid_p*BLOCK_P, +BLOCK_P) and teacher channels [pid_c*BLOCK_C, +BLOCK_C).
     With g2 = 2 * grad (g2_ptr, one ACC value):
 
-    e_ptr  (n*C_t, Pc) contiguous: E_i[c, p0 + q] (unscaled) at row i*C_t + c (WRITE_E),
+    e_ptr  (n*C_t, Pc) contiguous: g2 * E_i[c, p0 + q] at row i*C_t + c (WRITE_E),
                        computed in ACC and rounded to e_ptr's dtype (the input dtype for
                        16-bit inputs: the GEMMs that read it then run on tensor cores)
     xc_ptr (C_s, Pc)   contiguous: x - shift of the chunk in xc_ptr's dtype (as e_ptr),
@@ -272,14 +272,14 @@ def _expand_mse_bwd_err_kernel(
         e = _segment_error(x_ptr, a_ptr, b_ptr, shift_ptr, x_res, rows, mask_c, x_col,
                            mask_q, t_tile, C_s, sxc, HAS_SHIFT, X_RESIDENT, ACC, RND, DOT,
                            PREC, BLOCK_C, BLOCK_P, BLOCK_K)
-        e = tl.where(mask_cq, e, 0.0)
+        e = tl.where(mask_cq, e * g2, 0.0)
         e_sum += e
         if WRITE_E:
             tl.store(e_ptr + rows[:, None] * Pc + q64[None, :],
                      e.to(e_ptr.dtype.element_ty), mask=mask_cq)
     if WRITE_DT:
         dt_off = (bi[None, :] * C_t + c64[:, None]) * L + li[None, :]
-        tl.store(dt_ptr + dt_off, (e_sum * -g2).to(dt_ptr.dtype.element_ty), mask=mask_cq)
+        tl.store(dt_ptr + dt_off, (-e_sum).to(dt_ptr.dtype.element_ty), mask=mask_cq)
 
 
 # ---------------------------------------------------------------------------------------
@@ -548,10 +548,12 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
         da += E_chunk @ xc_chunk^T      (n*C_t, C_s)
         dx[chunk] = E_chunk^T @ a       (chunk, C_s)  -- the sum over n*C_t does the
                                                           segment sum
-    to cuBLAS GEMMs. For 16-bit inputs E, xc and a are held in the input dtype (E and xc
-    computed in float32 and rounded once on store) and the GEMMs accumulate in float32
-    on tensor cores (`_mm`); E is stored unscaled (2g can be ~1e-7, below float16's
-    normal range) and 2g is applied to the small results and to dx on its way out.
+    to cuBLAS GEMMs. For 16-bit inputs 2g*E, xc and a are held in the input dtype (E and
+    xc computed in float32 and rounded once on store) and the GEMMs accumulate in float32
+    on tensor cores (`_mm`). The error is stored scaled by 2g (no extra launches to scale
+    the results): in float16, 2g*E falls below the normal range (6e-5) when the loss
+    gradient is tiny, exactly as the literal's float16 gradient dY = 2g(Y - T) does under
+    autocast; a GradScaler keeps both in range.
     Memory: at most `chunk_bytes` of error (at least one position) plus C_s * chunk for
     the centred student; never n*C_t*P.
 
@@ -580,7 +582,7 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
     need_e = want_x or want_a or want_b or want_s
     dt = torch.empty((B, C_t, L), dtype=t.dtype, device=dev) if want_t else None
     # dx is gathered position-major, (P, C_s): each chunk's GEMM writes a contiguous
-    # row block; the final transpose to (B, C_s, L) is one pass (with the 2g scale).
+    # row block; the final transpose to (B, C_s, L) is one copy of dx.
     dx_pc = torch.empty((P, C_s), dtype=cdt, device=dev) if want_x else None
     da = torch.zeros((K, C_s), dtype=cdt, device=dev) if want_a else None
     e_rowsum = torch.zeros((K,), dtype=cdt, device=dev) if (want_b or want_s) else None
@@ -609,7 +611,10 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
                 dev, interpreted, x.dtype,
                 lambda bp, bc: (tlaunch.cdiv(pcur, bp), tlaunch.cdiv(C_t, bc)))
             if da is not None:
-                da += _mm(e, xc.t())
+                if gdt == cdt:
+                    da.addmm_(e, xc.t())
+                else:  # 16-bit operands, float32 product (no in-place addmm for that)
+                    da += _mm(e, xc.t())
             if e_rowsum is not None:
                 e_rowsum += e.sum(dim=1, dtype=cdt)
             if dx_pc is not None:
@@ -622,15 +627,13 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
     dx = empty
     if want_x:
         dx = torch.empty((B, C_s, L), dtype=x.dtype, device=dev)
-        # transpose, scale and cast in one pass
-        torch.mul(dx_pc.view(B, L, C_s).transpose(1, 2), g2, out=dx)
-    db = e_rowsum * g2 if (want_b or want_s) else None
+        dx.copy_(dx_pc.view(B, L, C_s).transpose(1, 2))  # transpose and cast in one pass
     return (
         dx,
         dt if want_t else empty,
-        da * g2 if want_a else empty,
-        db if want_b else empty,
-        -(a_k.to(cdt).t() @ db) if want_s else empty,
+        da if want_a else empty,
+        e_rowsum if want_b else empty,
+        -(a_k.t().to(cdt) @ e_rowsum) if want_s else empty,
     )
 
 
