@@ -144,13 +144,9 @@ def test_backward_chunks_bound_the_error_buffer(monkeypatch):
         _close(g, w, 1e-10, "chunked")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_expand_mse_gpu_tiling_on_interpreter(dtype, monkeypatch):
-    """The GPU block sizes (several position, channel and K tiles) run on the interpreter."""
-    blocks = expand_mse._blocks
-    monkeypatch.setattr(expand_mse, "_blocks",
-                        lambda P, C_s, C_t, dt, interpreted, kind="fwd":
-                        blocks(P, C_s, C_t, dt, False, kind))
+def _check_several_tiles(dtype):
+    """Forward and every gradient against torch at a shape of several position, channel
+    and K tiles and several backward chunks (GPU block sizes)."""
     B, C_s, C_t, L, n = 3, 40, 70, 49, 2
     x, t, a, b, s = _problem(B, C_s, C_t, L, n, True, "channels_last", dtype, "cpu")
     rtol = RTOL[dtype]
@@ -162,6 +158,16 @@ def test_expand_mse_gpu_tiling_on_interpreter(dtype, monkeypatch):
     want = torch_ops.expand_mse_backward(grad, x, t, a, b, s, n, None, [True] * 5)
     for name, g, w in zip(("dx", "dt", "da", "db", "dshift"), got, want):
         _close(g, w, rtol, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_expand_mse_gpu_tiling_on_interpreter(dtype, monkeypatch):
+    """The GPU block sizes (several position, channel and K tiles) run on the interpreter."""
+    blocks = expand_mse._blocks
+    monkeypatch.setattr(expand_mse, "_blocks",
+                        lambda P, C_s, C_t, dt, interpreted, kind="fwd":
+                        blocks(P, C_s, C_t, dt, False, kind))
+    _check_several_tiles(dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -529,17 +535,7 @@ def test_autotuned_launch_glue_on_interpreter(dtype, monkeypatch):
     monkeypatch.setattr(_triton_launch, "launch", fake_launch)
     monkeypatch.setattr(_triton_launch, "uses_interpreter", lambda t: False)
     monkeypatch.setenv("NORM_FAST_TRITON_AUTOTUNE", "1")
-    B, C_s, C_t, L, n = 3, 40, 70, 49, 2
-    x, t, a, b, s = _problem(B, C_s, C_t, L, n, True, "channels_last", dtype, "cpu")
-    rtol = RTOL[dtype]
-    _close(triton_backend.expand_mse_forward(x, t, a, b, s, n, False)[0],
-           torch_ops.expand_mse_forward(x, t, a, b, s, n, False)[0], rtol, "loss")
-    grad = torch.tensor(0.5, dtype=torch_ops.compute_dtype(dtype))
-    got = triton_backend.expand_mse_backward(grad, x, t, a, b, s, n, None, [True] * 5,
-                                             chunk_bytes=100 * n * C_t * 8)
-    want = torch_ops.expand_mse_backward(grad, x, t, a, b, s, n, None, [True] * 5)
-    for name, g, w in zip(("dx", "dt", "da", "db", "dshift"), got, want):
-        _close(g, w, rtol, name)
+    _check_several_tiles(dtype)
     kinds = {u[0] for u in used}
     assert kinds == {"_expand_mse_fwd_kernel", "_expand_mse_bwd_err_kernel"}, used
     assert any(u[1:] != expand_mse.GPU_CONFIGS["fwd"][dtype][0][:2] for u in used), used
