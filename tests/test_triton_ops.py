@@ -539,3 +539,18 @@ def test_autotuned_launch_glue_on_interpreter(dtype, monkeypatch):
     kinds = {u[0] for u in used}
     assert kinds == {"_expand_mse_fwd_kernel", "_expand_mse_bwd_err_kernel"}, used
     assert any(u[1:] != expand_mse.GPU_CONFIGS["fwd"][dtype][0][:2] for u in used), used
+
+
+def test_gemm_precision_context_sets_and_restores():
+    """The backward's float32 cuBLAS GEMMs follow `precision` on CUDA (the flag is only
+    set and restored here: no GPU is needed to check that), and nothing else."""
+    flags = torch.backends.cuda.matmul
+    before = flags.fp32_precision
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for prec, want in (("tf32", "tf32"), ("ieee", "ieee"), ("tf32x3", "ieee")):
+        with expand_mse._gemm_precision(cuda, torch.float32, prec):
+            assert flags.fp32_precision == want
+        assert flags.fp32_precision == before
+    for device, dtype in ((cpu, torch.float32), (cuda, torch.bfloat16), (cuda, torch.float64)):
+        with expand_mse._gemm_precision(device, dtype, "tf32"):
+            assert flags.fp32_precision == before

@@ -49,6 +49,7 @@ determinism switch and CUDA-graph capture. The interpreter uses its own large bl
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from typing import List, Optional, Tuple
@@ -461,6 +462,29 @@ def _common(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor],
 _HALF = (torch.float16, torch.bfloat16)
 
 
+@contextlib.contextmanager
+def _gemm_precision(device: torch.device, dtype: torch.dtype, precision: str):
+    """Within the block, float32 cuBLAS GEMMs on CUDA use `precision`: TF32 for "tf32",
+    exact ("ieee") otherwise (cuBLAS has no 3xTF32: "tf32x3" gets the exact product),
+    whatever ``torch.backends.cuda.matmul`` says; the setting is restored afterwards.
+
+    The flag is process-wide: a matmul launched by another thread meanwhile sees it too.
+    Only the current API (``fp32_precision``) is read and written; a value set through
+    the legacy ``allow_tf32`` reads through it and stays readable afterwards.
+    Nothing changes for other dtypes or devices.
+    """
+    if device.type != "cuda" or dtype != torch.float32:
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    old = flags.fp32_precision
+    flags.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    try:
+        yield
+    finally:
+        flags.fp32_precision = old
+
+
 def _mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """a @ b accumulated and returned in float32 when the operands are 16-bit.
 
@@ -558,9 +582,8 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
     the centred student; never n*C_t*P.
 
     `err` (n == 1): the error stored by the forward; then nothing is recomputed.
-    precision: as in `expand_mse_forward` (the recomputing kernel's products). The two
-    GEMMs are cuBLAS's and follow torch's own matmul precision setting
-    (``torch.backends.cuda.matmul``), for float32.
+    precision: as in `expand_mse_forward`, for the recomputing kernel's products and
+    (float32 on CUDA) the cuBLAS GEMMs too (`_gemm_precision`).
     """
     want_x, want_t, want_a, want_b, want_s = grad_mask
     want_s = want_s and shift is not None
@@ -575,66 +598,68 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
     # The dtype of the GEMM operands E, xc, a (see the docstring).
     gdt = x.dtype if x.dtype in _HALF else cdt
 
-    if err is not None:
-        return _backward_from_error(g2, x, t, a_k, shift, err, cdt, gdt,
-                                    (want_x, want_t, want_a, want_b, want_s), empty)
+    # The two GEMMs below are cuBLAS's: in float32 they follow `precision` too.
+    with _gemm_precision(dev, x.dtype, precision):
+        if err is not None:
+            return _backward_from_error(g2, x, t, a_k, shift, err, cdt, gdt,
+                                        (want_x, want_t, want_a, want_b, want_s), empty)
 
-    need_e = want_x or want_a or want_b or want_s
-    dt = torch.empty((B, C_t, L), dtype=t.dtype, device=dev) if want_t else None
-    # dx is gathered position-major, (P, C_s): each chunk's GEMM writes a contiguous
-    # row block; the final transpose to (B, C_s, L) is one copy of dx.
-    dx_pc = torch.empty((P, C_s), dtype=cdt, device=dev) if want_x else None
-    da = torch.zeros((K, C_s), dtype=cdt, device=dev) if want_a else None
-    e_rowsum = torch.zeros((K,), dtype=cdt, device=dev) if (want_b or want_s) else None
+        need_e = want_x or want_a or want_b or want_s
+        dt = torch.empty((B, C_t, L), dtype=t.dtype, device=dev) if want_t else None
+        # dx is gathered position-major, (P, C_s): each chunk's GEMM writes a contiguous
+        # row block; the final transpose to (B, C_s, L) is one copy of dx.
+        dx_pc = torch.empty((P, C_s), dtype=cdt, device=dev) if want_x else None
+        da = torch.zeros((K, C_s), dtype=cdt, device=dev) if want_a else None
+        e_rowsum = torch.zeros((K,), dtype=cdt, device=dev) if (want_b or want_s) else None
 
-    if P > 0 and C_t > 0 and (need_e or want_t):
-        itemsize = torch.finfo(gdt).bits // 8
-        if need_e and K > 0:
-            pc = max(1, min(P, chunk_bytes // (K * itemsize)))
-        else:
-            pc = P  # only dt: no error buffer, one launch over every position
-        tile = 256 if interpreted else max(c[0] for c in GPU_CONFIGS["bwd"][x.dtype])
-        if need_e and pc > tile:
-            pc -= pc % tile  # whole position tiles per chunk, for any configuration
-        e_buf = torch.empty(K * pc, dtype=gdt, device=dev) if need_e else None
-        xc_buf = torch.empty(C_s * pc, dtype=gdt, device=dev) if want_a else None
-        for p0 in range(0, P, pc):
-            pcur = min(pc, P - p0)
-            e = e_buf[:K * pcur].view(K, pcur) if need_e else None
-            xc = xc_buf[:C_s * pcur].view(C_s, pcur) if want_a else None
-            _launch(
-                _expand_mse_bwd_err_kernel, "bwd", pcur, C_s, C_t,
-                (x, t, a_k, b_c, s_c, g2,
-                 e if need_e else g2, xc if want_a else g2, dt if want_t else g2,
-                 p0, pcur, C_s, C_t, n, _p_bucket(pc), *x.stride(), *t.stride()),
-                dict(WRITE_E=need_e, WRITE_XC=want_a, WRITE_DT=want_t, **consts),
-                dev, interpreted, x.dtype,
-                lambda bp, bc: (tlaunch.cdiv(pcur, bp), tlaunch.cdiv(C_t, bc)))
-            if da is not None:
-                if gdt == cdt:
-                    da.addmm_(e, xc.t())
-                else:  # 16-bit operands, float32 product (no in-place addmm for that)
-                    da += _mm(e, xc.t())
-            if e_rowsum is not None:
-                e_rowsum += e.sum(dim=1, dtype=cdt)
-            if dx_pc is not None:
-                _mm(e.t(), a_k, out=dx_pc[p0:p0 + pcur])
-    elif want_t:
-        dt.zero_()
-    if dx_pc is not None and (P == 0 or C_t == 0 or n == 0):
-        dx_pc.zero_()
+        if P > 0 and C_t > 0 and (need_e or want_t):
+            itemsize = torch.finfo(gdt).bits // 8
+            if need_e and K > 0:
+                pc = max(1, min(P, chunk_bytes // (K * itemsize)))
+            else:
+                pc = P  # only dt: no error buffer, one launch over every position
+            tile = 256 if interpreted else max(c[0] for c in GPU_CONFIGS["bwd"][x.dtype])
+            if need_e and pc > tile:
+                pc -= pc % tile  # whole position tiles per chunk, for any configuration
+            e_buf = torch.empty(K * pc, dtype=gdt, device=dev) if need_e else None
+            xc_buf = torch.empty(C_s * pc, dtype=gdt, device=dev) if want_a else None
+            for p0 in range(0, P, pc):
+                pcur = min(pc, P - p0)
+                e = e_buf[:K * pcur].view(K, pcur) if need_e else None
+                xc = xc_buf[:C_s * pcur].view(C_s, pcur) if want_a else None
+                _launch(
+                    _expand_mse_bwd_err_kernel, "bwd", pcur, C_s, C_t,
+                    (x, t, a_k, b_c, s_c, g2,
+                     e if need_e else g2, xc if want_a else g2, dt if want_t else g2,
+                     p0, pcur, C_s, C_t, n, _p_bucket(pc), *x.stride(), *t.stride()),
+                    dict(WRITE_E=need_e, WRITE_XC=want_a, WRITE_DT=want_t, **consts),
+                    dev, interpreted, x.dtype,
+                    lambda bp, bc: (tlaunch.cdiv(pcur, bp), tlaunch.cdiv(C_t, bc)))
+                if da is not None:
+                    if gdt == cdt:
+                        da.addmm_(e, xc.t())
+                    else:  # 16-bit operands, float32 product (no in-place addmm for that)
+                        da += _mm(e, xc.t())
+                if e_rowsum is not None:
+                    e_rowsum += e.sum(dim=1, dtype=cdt)
+                if dx_pc is not None:
+                    _mm(e.t(), a_k, out=dx_pc[p0:p0 + pcur])
+        elif want_t:
+            dt.zero_()
+        if dx_pc is not None and (P == 0 or C_t == 0 or n == 0):
+            dx_pc.zero_()
 
-    dx = empty
-    if want_x:
-        dx = torch.empty((B, C_s, L), dtype=x.dtype, device=dev)
-        dx.copy_(dx_pc.view(B, L, C_s).transpose(1, 2))  # transpose and cast in one pass
-    return (
-        dx,
-        dt if want_t else empty,
-        da if want_a else empty,
-        e_rowsum if want_b else empty,
-        -(a_k.t().to(cdt) @ e_rowsum) if want_s else empty,
-    )
+        dx = empty
+        if want_x:
+            dx = torch.empty((B, C_s, L), dtype=x.dtype, device=dev)
+            dx.copy_(dx_pc.view(B, L, C_s).transpose(1, 2))  # transpose and cast in one pass
+        return (
+            dx,
+            dt if want_t else empty,
+            da if want_a else empty,
+            e_rowsum if want_b else empty,
+            -(a_k.t().to(cdt) @ e_rowsum) if want_s else empty,
+        )
 
 
 def _backward_from_error(g2: Tensor, x: Tensor, t: Tensor, a_k: Tensor,
