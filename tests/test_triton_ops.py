@@ -144,12 +144,9 @@ def test_backward_chunks_bound_the_error_buffer(monkeypatch):
         _close(g, w, 1e-10, "chunked")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_expand_mse_gpu_tiling_on_interpreter(dtype, monkeypatch):
-    """The GPU block sizes (several position, channel and K tiles) run on the interpreter."""
-    blocks = expand_mse._blocks
-    monkeypatch.setattr(expand_mse, "_blocks",
-                        lambda P, C_s, C_t, dt, interpreted: blocks(P, C_s, C_t, dt, False))
+def _check_several_tiles(dtype):
+    """Forward and every gradient against torch at a shape of several position, channel
+    and K tiles and several backward chunks (GPU block sizes)."""
     B, C_s, C_t, L, n = 3, 40, 70, 49, 2
     x, t, a, b, s = _problem(B, C_s, C_t, L, n, True, "channels_last", dtype, "cpu")
     rtol = RTOL[dtype]
@@ -161,6 +158,16 @@ def test_expand_mse_gpu_tiling_on_interpreter(dtype, monkeypatch):
     want = torch_ops.expand_mse_backward(grad, x, t, a, b, s, n, None, [True] * 5)
     for name, g, w in zip(("dx", "dt", "da", "db", "dshift"), got, want):
         _close(g, w, rtol, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_expand_mse_gpu_tiling_on_interpreter(dtype, monkeypatch):
+    """The GPU block sizes (several position, channel and K tiles) run on the interpreter."""
+    blocks = expand_mse._blocks
+    monkeypatch.setattr(expand_mse, "_blocks",
+                        lambda P, C_s, C_t, dt, interpreted, kind="fwd":
+                        blocks(P, C_s, C_t, dt, False, kind))
+    _check_several_tiles(dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -252,55 +259,298 @@ def test_backend_surface_and_interpreter_cleanup():
     assert ok and why.startswith("triton ")
     for name in ("moments", "moments_backward", "expand_mse_forward", "expand_mse_backward"):
         assert callable(getattr(triton_backend, name))
+    import triton.language as tl
     from triton.runtime.jit import JITFunction
     before = JITFunction.__call__
+    lang_before = (tl.arange, tl.load, tl.core.arange, tl.tensor.__add__)
     x = torch.randn(2, 5, 3, dtype=torch.float64)
-    triton_backend.moments(x)
+    triton_backend.moments(x)  # calls tl.sum: a nested JITFunction
+    x, t, a, b, s = _problem(1, 5, 5, 15, 2, True, "contiguous", torch.float64, "cpu")
+    triton_backend.expand_mse_forward(x, t, a, b, s, 2, False)  # our own nested helpers
     assert JITFunction.__call__ is before  # the interpreter shim is scoped to a launch
+    # ... and so is the interpreter's patch of triton.language, nested calls included
+    # (left in place, it breaks every later compilation in the process).
+    assert (tl.arange, tl.load, tl.core.arange, tl.tensor.__add__) == lang_before
 
 
-def _compile_for_sm90(kernel, pointer_types, constexprs, num_warps):
-    """Compile `kernel` for sm_90 ahead of time (no GPU needed: frontend, LLVM, ptxas)."""
+def _compile_for_sm90(kernel, pointer_types, constexprs, num_warps, num_stages=2):
+    """Compile `kernel` for sm_90 ahead of time (no GPU needed: frontend, LLVM, ptxas),
+    with the register ceiling its GPU launches use."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature = {name: ("constexpr" if name in constexprs else pointer_types.get(name, "i32"))
                  for name in kernel.arg_names}
-    src = ASTSource(kernel, signature, constexprs=dict(constexprs))
+    # What the JIT specialises at run time for the usual shapes: 16-byte aligned tensors,
+    # sizes and strides divisible by 16 (C_s, C_t, B*L, chunk starts; not n, not unit
+    # strides). Masks and address runs are analysed with these (vector widths).
+    div16 = {"P", "Pc", "p0", "C_s", "C_t", "C", "span", "P_BUCKET", "sxb", "sxc", "stb",
+             "stc"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+             if name not in constexprs and (signature[name].startswith("*") or name in div16)}
+    src = ASTSource(kernel, signature, constexprs=dict(constexprs), attrs=attrs)
+    maxnreg = None if kernel is moments_mod._moments_kernel else _triton_launch.MAXNREG
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=2))
+                          options=dict(num_warps=num_warps, num_stages=num_stages,
+                                       maxnreg=maxnreg))
 
 
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_compile_for_hopper(dtype):
-    """The compiled (non-interpreted) frontend accepts every kernel with the GPU blocks.
+def ptxas_usage(compiled):
+    """(registers, spill bytes) of a compiled kernel, from ptxas -v on its PTX (sm_90a).
 
-    The interpreter is more permissive than code generation; this catches kernels that
-    only the interpreter accepts, on machines without a GPU.
+    A kernel compiled ahead of time is never loaded, so its n_regs / n_spills stay
+    unset; Triton's own ptxas reports the same numbers (spill bytes = stores + loads).
     """
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(90).path  # the one Triton itself uses for sm_90 (version-specific)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([ptxas, "-v", "-arch=sm_90a", src, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return regs, spills
+
+
+_TL = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16",
+       torch.float16: "fp16"}
+
+
+def gpu_kernel_builds(dtype, precision="ieee", L=49):
+    """Every (name, kernel, pointer types, constexprs, warps, stages) the GPU may launch
+    for inputs of `dtype`: both expand kernels at every configuration of
+    expand_mse.GPU_CONFIGS (unclamped: the largest tiles), resident x and not, and
+    the moments kernel at its GPU blocks."""
+    from norm_fast.ops.spec import compute_dtype
+    cdt = compute_dtype(dtype)
+    half = dtype in (torch.float16, torch.bfloat16)
+    acc = "*" + _TL[cdt]
+    io = "*" + _TL[dtype]
+    gemm = io if half else acc
+    ptrs = {n: acc for n in ("b_ptr", "shift_ptr", "part_ptr", "err_ptr", "g2_ptr",
+                             "s_ptr", "cov_ptr", "sum_ptr")}
+    ptrs.update(x_ptr=io, t_ptr=io, dt_ptr=io, a_ptr=gemm, e_ptr=gemm, xc_ptr=gemm)
+    rnd, dot, prec = _triton_launch.dot_dtypes(dtype, False, precision)
+    common = dict(L=L, X_CONTIG=True, T_CONTIG=True, HAS_SHIFT=True,
+                  ACC=_triton_launch.tl_dtype(cdt), RND=rnd, DOT=dot, PREC=prec)
+    kernels = {
+        "fwd": (expand_mse._expand_mse_fwd_kernel, dict(STORE_ERR=True)),
+        "bwd": (expand_mse._expand_mse_bwd_err_kernel,
+                dict(WRITE_E=True, WRITE_XC=True, WRITE_DT=True)),
+    }
+    for kind, (kernel, flags) in kernels.items():
+        for bp, bc, bk, warps, stages in expand_mse.GPU_CONFIGS[kind][dtype]:
+            blocks = dict(BLOCK_P=bp, BLOCK_C=bc, BLOCK_K=bk)
+            cfg = f"{bp}x{bc}x{bk} w{warps} s{stages}"
+            for resident in (False, True):
+                tag = " x-resident" if resident else ""
+                yield (f"{kind} {cfg}{tag}", kernel, ptrs,
+                       dict(common, X_RESIDENT=resident, **flags, **blocks), warps, stages)
+    bi, bj, bpm, _, warps_m = moments_mod._blocks(10**6, 512, False)
+    yield (f"moments {bi}x{bj}x{bpm} w{warps_m} s2", moments_mod._moments_kernel, ptrs,
+           dict(ACC=_triton_launch.tl_dtype(cdt), PREC="ieee", BLOCK_I=bi, BLOCK_J=bj,
+                BLOCK_P=bpm), warps_m, 2)
+
+
+def _need_aot():
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the Triton build
         pytest.skip(f"no ahead-of-time compiler: {exc}")
-    x_ty = "*fp32" if dtype == torch.float32 else "*bf16"
-    rnd, dot, prec = _triton_launch.dot_dtypes(dtype, False)
-    bp, bc, bk, warps = expand_mse._blocks(10**6, 512, 512, dtype, False)
-    common = dict(HAS_SHIFT=True, ACC=_triton_launch.tl_dtype(torch.float32), RND=rnd,
-                  DOT=dot, PREC=prec, BLOCK_P=bp, BLOCK_C=bc, BLOCK_K=bk)
-    small = {n: "*fp32" for n in ("a_ptr", "b_ptr", "shift_ptr", "part_ptr", "err_ptr",
-                                   "g2_ptr", "e_ptr", "xc_ptr", "s_ptr", "cov_ptr",
-                                   "sum_ptr")}
-    ptrs = dict(small, x_ptr=x_ty, t_ptr=x_ty, dt_ptr=x_ty)
-    k = _compile_for_sm90(expand_mse._expand_mse_fwd_kernel, ptrs,
-                          dict(common, STORE_ERR=True), warps)
-    if dtype == torch.bfloat16:
-        assert "wgmma" in k.asm["ptx"]  # tensor cores on Hopper
-    _compile_for_sm90(expand_mse._expand_mse_bwd_err_kernel, ptrs,
-                      dict(common, WRITE_E=True, WRITE_XC=True, WRITE_DT=True), warps)
-    bi, bj, bpm, _, warps_m = moments_mod._blocks(10**6, 512, False)
-    _compile_for_sm90(moments_mod._moments_kernel, ptrs,
-                      dict(ACC=_triton_launch.tl_dtype(torch.float32), PREC="ieee",
-                           BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bpm), warps_m)
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_compile_for_hopper(dtype):
+    """The compiled (non-interpreted) frontend accepts every kernel with the default GPU
+    blocks, and the 16-bit products run on Hopper's tensor cores (wgmma).
+
+    The interpreter is more permissive than code generation; this catches kernels that
+    only the interpreter accepts, on machines without a GPU.
+    """
+    _need_aot()
+    defaults = {"{} {}x{}x{} w{} s{}".format(kind, *cfgs[dtype][0])
+                for kind, cfgs in expand_mse.GPU_CONFIGS.items()}
+    for name, kernel, ptrs, consts, warps, stages in gpu_kernel_builds(dtype):
+        if name not in defaults and not name.startswith("moments"):
+            continue
+        k = _compile_for_sm90(kernel, ptrs, consts, warps, stages)
+        if dtype == torch.bfloat16 and not name.startswith("moments"):
+            assert "wgmma" in k.asm["ptx"], name  # tensor cores on Hopper
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
+                                             (torch.bfloat16, "ieee"),
+                                             (torch.float64, "ieee")])
+def test_gpu_configs_compile_without_spills(dtype, precision):
+    """Every GPU configuration (expand kernels at every autotune configuration, x
+    resident or not; the moments kernel) compiles for sm_90 with no register spills."""
+    _need_aot()
+    spilled = []
+    for name, kernel, ptrs, consts, warps, stages in gpu_kernel_builds(dtype, precision):
+        k = _compile_for_sm90(kernel, ptrs, consts, warps, stages)
+        regs, spills = ptxas_usage(k)
+        if spills:
+            spilled.append((name, regs, spills))
+        if precision == "tf32" and not name.startswith("moments"):
+            assert "mma" in k.asm["ptx"], name  # TF32 tensor cores, not FMA
+    assert not spilled, f"register spills (name, registers, bytes): {spilled}"
+
+
+def test_tf32_precision_reaches_the_dot():
+    assert _triton_launch.dot_dtypes(torch.float32, False, "tf32")[2] == "tf32"
+    assert _triton_launch.dot_dtypes(torch.float32, False, "tf32x3")[2] == "tf32x3"
+    assert _triton_launch.dot_dtypes(torch.float32, True, "tf32")[2] == "ieee"  # interpreter
+    assert _triton_launch.dot_dtypes(torch.float64, False, "tf32")[2] == "ieee"
+    x, t, a, b, s = _problem(1, 5, 5, 15, 1, False, "contiguous", torch.float32, "cpu")
+    for bad in ("fp32", "TF32", None):
+        with pytest.raises(ValueError, match="precision"):
+            triton_backend.expand_mse_forward(x, t, a, b, s, 1, False, precision=bad)
+        with pytest.raises(ValueError, match="precision"):
+            triton_backend.expand_mse_backward(torch.tensor(1.0), x, t, a, b, s, 1, None,
+                                               [True] * 5, precision=bad)
+    # Accepted everywhere; the interpreter multiplies exactly whatever the flag says.
+    want = torch_ops.expand_mse_forward(x, t, a, b, s, 1, False)[0]
+    for prec in ("ieee", "tf32", "tf32x3"):
+        _close(triton_backend.expand_mse_forward(x, t, a, b, s, 1, False, precision=prec)[0],
+               want, RTOL[torch.float32], prec)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stored", [False, True], ids=["recompute", "stored-error"])
+def test_backward_16bit_gemm_operands(dtype, stored, device, monkeypatch):
+    """16-bit inputs: the backward's GEMM operands (error, centred student, folded map)
+    are held in the input dtype, and the gradients stay within bf16/fp16 rounding of a
+    float64 truth computed from the same (rounded) inputs.
+
+    Tolerance: u = 2**-8 (bf16) or 2**-11 (fp16), the unit roundoff. Each gradient is a
+    sum of products of two operands, each rounded once to the input dtype (relative u/2
+    each) with float32 accumulation (negligible), so its error is at most about u times
+    the sum of |products|; relative to the largest gradient entry that is a few u here
+    (the products do not cancel much at these sizes). 4u is asserted.
+    """
+    n = 1 if stored else 2
+    B, C_s, C_t, L = 3, 40, 19, 15
+    x, t, a, b, s = _problem(B, C_s, C_t, L, n, True, "channels_last", dtype, device)
+    x64, t64, a64, b64, s64 = (v.double() for v in (x, t, a, b, s))
+    u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    seen = []
+    launch = _triton_launch.launch
+
+    def spy(kernel, grid, args, constexprs, device, **kw):
+        if kernel is expand_mse._expand_mse_bwd_err_kernel:
+            seen.append((args[6].dtype, args[7].dtype, args[2].dtype))  # e, xc, a
+        return launch(kernel, grid, args, constexprs, device, **kw)
+
+    monkeypatch.setattr(_triton_launch, "launch", spy)
+    err = None
+    if stored:
+        _, err = triton_backend.expand_mse_forward(x, t, a, b, s, n, True)
+    grad = torch.tensor(0.37, dtype=torch.float32, device=device)
+    got = triton_backend.expand_mse_backward(grad, x, t, a, b, s, n, err, [True] * 5,
+                                             chunk_bytes=64 * n * C_t * 2)
+    want = torch_ops.expand_mse_backward(grad.double(), x64, t64, a64, b64, s64, n, None,
+                                         [True] * 5)
+    if not stored:
+        assert seen and all(d == (dtype, dtype, dtype) for d in seen), seen
+    for name, g, w in zip(("dx", "dt", "da", "db", "dshift"), got, want):
+        _close(g.double(), w, 4 * u, f"{dtype} {name}")
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_contiguous_positions_load_as_vectors(dtype):
+    """With L a compile-time constant and unit stride along l (X_CONTIG / T_CONTIG), the
+    x and t tiles load 16 bytes a thread when L has a power-of-two factor (32x32 maps);
+    with a run-time stride along l they load element by element."""
+    _need_aot()
+    name, kernel, ptrs, consts, warps, stages = next(gpu_kernel_builds(dtype, L=1024))
+    assert name.startswith("fwd") and "resident" not in name
+    vec = _compile_for_sm90(kernel, ptrs, consts, warps, stages).asm["ptx"]
+    scalar = _compile_for_sm90(kernel, ptrs, dict(consts, X_CONTIG=False, T_CONTIG=False),
+                               warps, stages).asm["ptx"]
+    # (the bias and shift vectors load as v4 in both)
+    assert vec.count("ld.global.v4") > scalar.count("ld.global.v4")
+
+
+def test_autotune_set_and_pruning(monkeypatch):
+    """The autotuner (CUDA only) tries exactly the kernel's list for the input dtype,
+    clamped to the problem; NORM_FAST_TRITON_AUTOTUNE=0 turns it off."""
+    import triton
+    tuned = expand_mse._tuned(expand_mse._expand_mse_fwd_kernel)
+    assert isinstance(tuned, triton.runtime.autotuner.Autotuner)
+    assert tuned.keys[:5] == ["P_BUCKET", "C_s", "C_t", "n", "L"] and "PREC" in tuned.keys
+    assert "STORE_ERR" in tuned.keys
+    assert "WRITE_XC" in expand_mse._tuned(expand_mse._expand_mse_bwd_err_kernel).keys
+    configs = expand_mse._all_configs()
+    for kind, table in expand_mse.GPU_CONFIGS.items():
+        for dtype, cfgs in table.items():
+            P, C_s, C_t = (10**5, 512, 512) if dtype != torch.float16 else (1000, 40, 19)
+            args = dict(x_ptr=torch.empty(0, dtype=dtype), C_s=C_s, C_t=C_t,
+                        **({"P": P} if kind == "fwd" else {"Pc": P}))
+            kept = expand_mse._prune(configs, args)
+            assert sorted(map(expand_mse._config_tuple, kept)) == sorted(
+                {expand_mse._clamp(P, C_s, C_t, c) for c in cfgs}), (kind, dtype)
+    monkeypatch.setenv("NORM_FAST_TRITON_AUTOTUNE", "0")
+    assert not expand_mse.autotune_enabled()
+    monkeypatch.setenv("NORM_FAST_TRITON_AUTOTUNE", "1")
+    assert expand_mse.autotune_enabled()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_autotuned_launch_glue_on_interpreter(dtype, monkeypatch):
+    """The autotuned GPU path's host code, run on the interpreter: a stand-in for the
+    autotuner picks the *last* configuration its pruning keeps (not the default),
+    records it as `best_config` as Triton's does, and launches the kernel with it and
+    the residency heuristic. The grid, the partial-sum buffer and the backward chunks
+    must follow whichever configuration ran."""
+    from triton.runtime.autotuner import Autotuner
+    launch = _triton_launch.launch
+    used = []
+
+    def fake_launch(kernel, grid, args, constexprs, device, num_warps=4, **kw):
+        if not isinstance(kernel, Autotuner):
+            return launch(kernel, grid, args, constexprs, device, num_warps=num_warps, **kw)
+        assert num_warps is None and callable(grid)
+        nargs = dict(zip(kernel.arg_names, args))
+        cfg = kernel.early_config_prune(kernel.configs, nargs)[-1]
+        kernel.best_config = cfg
+        meta = dict(constexprs, **cfg.kwargs)
+        meta.update({k: h({**nargs, **meta}) for k, h in kernel.fn.values.items()})
+        used.append((kernel.fn.fn.fn.__name__, cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_C"]))
+        return launch(kernel.fn.fn, grid(meta), args, meta, device)
+
+    monkeypatch.setattr(_triton_launch, "launch", fake_launch)
+    monkeypatch.setattr(_triton_launch, "uses_interpreter", lambda t: False)
+    monkeypatch.setenv("NORM_FAST_TRITON_AUTOTUNE", "1")
+    _check_several_tiles(dtype)
+    kinds = {u[0] for u in used}
+    assert kinds == {"_expand_mse_fwd_kernel", "_expand_mse_bwd_err_kernel"}, used
+    assert any(u[1:] != expand_mse.GPU_CONFIGS["fwd"][dtype][0][:2] for u in used), used
+
+
+def test_gemm_precision_context_sets_and_restores():
+    """The backward's float32 cuBLAS GEMMs follow `precision` on CUDA (the flag is only
+    set and restored here: no GPU is needed to check that), and nothing else."""
+    flags = torch.backends.cuda.matmul
+    before = flags.fp32_precision
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for prec, want in (("tf32", "tf32"), ("ieee", "ieee"), ("tf32x3", "ieee")):
+        with expand_mse._gemm_precision(cuda, torch.float32, prec):
+            assert flags.fp32_precision == want
+        assert flags.fp32_precision == before
+    for device, dtype in ((cpu, torch.float32), (cuda, torch.bfloat16), (cuda, torch.float64)):
+        with expand_mse._gemm_precision(device, dtype, "tf32"):
+            assert flags.fp32_precision == before

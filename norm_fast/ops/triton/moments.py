@@ -4,7 +4,7 @@
     moments(x) -> mean (C,), biased covariance S (C, C), both in the compute dtype
 
 These feed the BatchNorm statistics of the expansion without the expanded tensor
-(DESIGN.md section 3: mean(Z) = W1 xbar, var(Z) = diag(W1 S W1^T)) and the spread term
+(docs/design.md section 3: mean(Z) = W1 xbar, var(Z) = diag(W1 S W1^T)) and the spread term
 of the decomposed loss (section 4).
 
 Numerics: `G/P - xbar xbar^T` cancels catastrophically when the mean is large against
