@@ -12,7 +12,9 @@ from .module import NORM
 from .schedule import norm_weight
 from .attach import attach, merge
 from .info import info
+from .distiller import Distiller
 
 __all__ = ["NORM", "functional", "norm_loss", "match_spatial", "merge_into", "ft_affine",
-           "BACKENDS", "ALGORITHMS", "attach", "merge", "norm_weight", "info"]
+           "BACKENDS", "ALGORITHMS", "attach", "merge", "norm_weight", "info",
+           "Distiller"]
 __version__ = "0.1.0"
