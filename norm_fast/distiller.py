@@ -127,6 +127,8 @@ class Distiller(nn.Module):
         the plain student's parameters, the same eval outputs. The Distiller itself is
         unchanged (training can go on). With `check=` a batch, the copy is verified on it
         and `(student, max_abs_diff)` returned (see `merge`)."""
-        student = copy.deepcopy(self.student)
+        # The last loss is a graph node (not deep-copyable) and means nothing to the copy.
+        memo = {id(self.norm.last_loss): None} if self.norm.last_loss is not None else {}
+        student = copy.deepcopy(self.student, memo)
         student.eval()
         return merge(student, self.fc_name, check=check, rtol=rtol)
