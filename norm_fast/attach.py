@@ -75,6 +75,19 @@ def infer_out_channels(stage: nn.Module) -> Optional[int]:
     return channels
 
 
+def _channels(given: Optional[int], stage: nn.Module, what: str, name: str, kwarg: str) -> int:
+    """`given`, else the channels read from `stage` (`infer_out_channels`); ValueError
+    naming the stage and the keyword to pass when they cannot be read."""
+    if given is not None:
+        return given
+    channels = infer_out_channels(stage)
+    if channels is None:
+        raise ValueError(f"cannot infer the output channels of {what} {name!r} "
+                         f"({type(stage).__name__}): expected a Conv2d or BatchNorm2d inside "
+                         f"it, found none; pass {kwarg}")
+    return channels
+
+
 def _param_like(model: nn.Module, stage: nn.Module):
     """(device, dtype) of the stage's parameters, else the model's, else the defaults."""
     for module in (stage, model):
@@ -212,24 +225,15 @@ def attach(model: nn.Module, name: str, teacher_channels: Optional[int] = None, 
             raise ValueError("teacher and student are the same module")
         teacher_layer = name if teacher_layer is None else teacher_layer
         teacher_stage = _get_submodule(teacher, teacher_layer, "teacher_layer")
-        if teacher_channels is None:
-            teacher_channels = infer_out_channels(teacher_stage)
-            if teacher_channels is None:
-                raise ValueError(f"cannot infer the output channels of the teacher stage "
-                                 f"{teacher_layer!r} ({type(teacher_stage).__name__}): expected "
-                                 "a Conv2d or BatchNorm2d inside it; pass teacher_channels=C_t")
+        teacher_channels = _channels(teacher_channels, teacher_stage, "the teacher stage",
+                                     teacher_layer, "teacher_channels=C_t")
     elif teacher_layer is not None:
         raise ValueError("teacher_layer was given without teacher=: pass the teacher model")
     elif teacher_channels is None:
         raise ValueError("teacher_channels is required without teacher= (the channels of "
                          "the features you will pass to norm.set_teacher)")
-    student_channels = kw.pop("student_channels", None)
-    if student_channels is None:
-        student_channels = infer_out_channels(stage)
-        if student_channels is None:
-            raise ValueError(f"cannot infer the output channels of stage {name!r} "
-                             f"({type(stage).__name__}): expected a Conv2d or BatchNorm2d "
-                             "inside it, found none; pass student_channels=C_s")
+    student_channels = _channels(kw.pop("student_channels", None), stage, "stage", name,
+                                 "student_channels=C_s")
     attr = _attr_name(name)
     if hasattr(model, attr):
         raise ValueError(f"cannot register the NORM as {attr!r}: {type(model).__name__} "
