@@ -146,15 +146,14 @@ class _Hooks:
                     self.warned = True
                     warnings.warn(msg + "; warned once (missing_teacher='warn').",
                                   RuntimeWarning, stacklevel=2)
-        else:
+        elif isinstance(f_t, Tensor) and isinstance(f_s, Tensor):   # else NORM says what is wrong
             if f_t.dim() == 4 and f_s.dim() == 4 and f_t.shape[2:] != f_s.shape[2:]:
                 f_s_matched, f_t = match_spatial(f_s, f_t)
                 if f_s_matched is not f_s:
                     H, W = f_s.shape[2:]
                     self.pool = (H // f_s_matched.shape[2], W // f_s_matched.shape[3])
                     f_s = f_s_matched
-            if isinstance(f_t, Tensor) and isinstance(f_s, Tensor):
-                f_t = f_t.to(device=f_s.device, dtype=f_s.dtype)
+            f_t = f_t.to(device=f_s.device, dtype=f_s.dtype)
         if self.pool is not None and f_s is output:
             f_s = F.max_pool2d(f_s, self.pool)      # the same pooling in every later forward
         features, norm.last_loss = norm(f_s, f_t)

@@ -525,3 +525,11 @@ def test_attach_train_merge_on_torchvision_structures(teacher_fn, student_fn, st
     _, diff = norm_fast.merge(student, fc_name, check=x)
     assert diff < 1e-4
     assert n_params(student) == plain
+
+
+def test_teacher_that_is_not_a_tensor_is_a_type_error():
+    model = SmallCNN().double().train()
+    norm = norm_fast.attach(model, "layer2", C_T, n=2)
+    norm.set_teacher([1.0, 2.0])
+    with pytest.raises(TypeError, match="f_t must be a torch.Tensor"):
+        model(batch("cpu")[0])
