@@ -12,13 +12,16 @@ TRITON_PIN ?= triton==3.9.0
 
 .PHONY: venv test bench bench-suite gpu-check cuda-check clean
 
+# Last step: the package with the extras test + triton (pytest, pytest-benchmark, numpy,
+# scikit-learn; triton is already there), without build isolation so that the C++
+# extension is compiled now against this torch (pip keeps the torch and triton installed
+# above: they satisfy the package's ranges).
 $(VENV)/.ready: pyproject.toml setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_PIN)"
-	$(PY) -c "import pytest, pytest_benchmark, ninja" 2>/dev/null || $(PY) -m pip install -q pytest pytest-benchmark ninja numpy
-	$(PY) -c "import sklearn" 2>/dev/null || $(PY) -m pip install -q scikit-learn
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import ninja, setuptools, wheel" 2>/dev/null || $(PY) -m pip install -q ninja "setuptools>=64" wheel
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,triton]"
 	touch $@
 
 venv: $(VENV)/.ready

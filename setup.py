@@ -1,18 +1,29 @@
-"""Build script: the norm_fast package plus its C++/CUDA extension `norm_fast._C`.
+"""Build script: the norm_fast package, its C++/CUDA sources, and the extension `norm_fast._C`.
 
-`pip install -e . --no-build-isolation` compiles csrc/ with torch.utils.cpp_extension
-(ninja): the CPU kernels always, and the CUDA kernels too when both a CUDA toolkit
-(nvcc, found through CUDA_HOME) and a CUDA build of torch are present.  Set
-NORM_FAST_NO_EXTENSION=1 to skip the extension, NORM_FAST_NO_CUDA=1 to build it
-without CUDA.  A failed compile does not fail the install: the package falls back to
-a JIT build at first use (norm_fast/ops/_extension.py), and to the pure-PyTorch
-kernels with a visible warning when that fails as well.
+Two ways to get the C++ kernels (README "Install"):
+
+* `pip install .` / `pip install -e .` (build isolation, the default): the isolated build
+  environment has no torch (on purpose: torch in build-system.requires would download a
+  multi-GB CUDA build there), so nothing is compiled at install time. The sources csrc/
+  are shipped inside the package as `norm_fast/csrc/` (package data below), and the first
+  use compiles them once with torch.utils.cpp_extension.load (ninja, an install
+  dependency) into torch's extension cache, with a message while it builds
+  (norm_fast/ops/extension.py).
+* `pip install --no-build-isolation [-e] .`: this script sees the installed torch and
+  compiles csrc/ into `norm_fast._C` at install time, against that torch: the CPU
+  kernels always, and the CUDA kernels too when both a CUDA toolkit (nvcc, found through
+  CUDA_HOME) and a CUDA build of torch are present.
+
+Set NORM_FAST_NO_EXTENSION=1 to skip the extension, NORM_FAST_NO_CUDA=1 to build it
+without CUDA. A failed compile does not fail the install: the package falls back to the
+JIT build at first use, and to the pure-PyTorch kernels with a visible warning when that
+fails as well.
 """
 import os
 import sys
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,4 +79,12 @@ def _extension_args():
             "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
-setup(**_extension_args())
+# The C++/CUDA sources travel inside the package as `norm_fast/csrc/` (a data-only
+# package mapped onto the repository's csrc/), so an installed wheel can JIT-build them.
+CSRC_PATTERNS = ["*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h", "cuda/*.cpp", "cuda/*.h", "cuda/*.cu",
+                 "cuda/*.cuh"]
+
+setup(packages=find_packages(include=["norm_fast", "norm_fast.*"]) + ["norm_fast.csrc"],
+      package_dir={"norm_fast.csrc": "csrc"},
+      package_data={"norm_fast.csrc": CSRC_PATTERNS},
+      **_extension_args())

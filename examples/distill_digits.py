@@ -6,12 +6,13 @@
 1. Train a teacher CNN (last stage: 128 channels at 4x4).
 2. Train the same small student CNN (last stage: 32 channels at 2x2) twice from the same
    initialisation and data order: plainly (cross-entropy), and with NORM attached to its
-   last stage (cross-entropy + alpha * NORM loss against the teacher's last stage, max-pooled
-   to 2x2 with `norm_fast.match_spatial`).
+   last stage (cross-entropy + alpha * NORM loss against the teacher's last stage, hooked
+   by `norm_fast.attach(..., teacher=)` and max-pooled to 2x2 inside the hook).
 3. Merge the Feature Transform into the student's classifier (`norm_fast.merge`) and check
    that the merged student has the plain student's parameter count and the same accuracy.
 
-Needs scikit-learn (`pip install scikit-learn`) for the data set only.
+Needs scikit-learn (`pip install ".[examples]"` or `pip install scikit-learn`) for the data
+set only.
 """
 from __future__ import annotations
 
@@ -111,23 +112,6 @@ def train(model, x, y, epochs, seed, lr, batch_size=64, step_loss=None):
             sched.step()
 
 
-class TeacherFeatures:
-    """The frozen teacher's last-stage features (B, 128, 4, 4), max-pooled to the student's
-    last-stage size with `norm_fast.match_spatial` (the reference code's rule)."""
-
-    def __init__(self, teacher: CNN, student_hw):
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.template = torch.empty(1, STUDENT_CHANNELS, *student_hw)   # only its size is read
-        self.seen = None
-        teacher.layer2.register_forward_hook(lambda m, i, out: setattr(self, "seen", out))
-
-    @torch.no_grad()
-    def __call__(self, x):
-        self.teacher(x)
-        _, f_t = norm_fast.match_spatial(self.template, self.seen)
-        return f_t
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=60, help="student epochs (default 60)")
@@ -174,13 +158,16 @@ def main(argv=None):
 
     # 2b. Student with NORM on its last stage, same initialisation and batches.
     student = copy.deepcopy(init)
-    with torch.no_grad():
-        student_hw = student.layer2(student.layer1(student.stem(x_tr[:1])))[0, 0].shape
-    teacher_features = TeacherFeatures(teacher, student_hw)
-    norm = norm_fast.attach(student, "layer2", teacher_channels=TEACHER_CHANNELS, n=args.n)
+    teacher.eval().requires_grad_(False)
+    # The FT after the student's layer2, fed by the teacher's layer2 through a hook: its
+    # (B, 128, 4, 4) maps are max-pooled to the student's 2x2 inside the hook.
+    norm = norm_fast.attach(student, "layer2", teacher=teacher, teacher_layer="layer2",
+                            n=args.n)
+    assert norm.teacher_channels == TEACHER_CHANNELS
 
     def norm_step(model, xb, yb, epoch):
-        norm.set_teacher(teacher_features(xb))          # consumed by the next forward
+        with torch.no_grad():
+            teacher(xb)                                 # hands its features to the FT
         ce = F.cross_entropy(model(xb), yb)
         alpha = args.alpha
         if args.ramp:
@@ -194,11 +181,12 @@ def main(argv=None):
           f"during training (FT: {n_params(norm):,}, N={args.n})")
 
     # 3. Merge the FT into the classifier: a plain student again.
-    norm_fast.merge(student, "fc")
+    _, check_diff = norm_fast.merge(student, "fc", check=x_te[:256])
     m_acc, m_logits = evaluate(student, x_te, y_te)
     diff = (m_logits - n_logits).abs().max().item()
     print(f"student, merged  : {m_acc:6.2f}% test accuracy, {n_params(student):>7,} parameters "
-          f"(max |logit difference| to the unmerged student {diff:.2e})")
+          f"(max |logit difference| to the unmerged student {diff:.2e}; merge check on 256 test "
+          f"images {check_diff:.2e})")
     assert m_acc == n_acc, f"merged accuracy {m_acc} != unmerged {n_acc}"
     assert n_params(student) == n_params(plain), \
         f"merged student has {n_params(student)} parameters, plain {n_params(plain)}"

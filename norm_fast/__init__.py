@@ -11,7 +11,10 @@ from .fold import ft_affine, merge_into
 from .module import NORM
 from .schedule import norm_weight
 from .attach import attach, merge
+from .info import info
+from .distiller import Distiller
 
 __all__ = ["NORM", "functional", "norm_loss", "match_spatial", "merge_into", "ft_affine",
-           "BACKENDS", "ALGORITHMS", "attach", "merge", "norm_weight"]
+           "BACKENDS", "ALGORITHMS", "attach", "merge", "norm_weight", "info",
+           "Distiller"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from norm_fast import NORM
 
 from conftest import DEVICES
 from literal import LiteralFT, randomise_bn, rel_err
+import tiny_models
 
 C_IN, C_MID, C_S, C_T, N_CLASSES = 3, 6, 8, 5, 4
 
@@ -146,36 +148,59 @@ def test_teacher_is_consumed_by_one_forward():
     norm = norm_fast.attach(model, "layer2", C_T, n=2)
     x, f_t = batch("cpu")
     assert norm.last_loss is None
-    model(x)                                       # no teacher set: no loss
+    with pytest.warns(RuntimeWarning, match="got no teacher features"):
+        model(x)                                   # no teacher set: no loss, and a warning
     assert norm.last_loss is None
     norm.set_teacher(f_t)
     model(x)
     assert norm.last_loss is not None
-    model(x)                                       # the teacher is not reused stale
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # warned once per NORM, not every step
+        model(x)                                   # the teacher is not reused stale
     assert norm.last_loss is None
     norm.set_teacher(f_t)
     model.eval()
     with torch.no_grad():
         model(x)                                   # an eval forward with a teacher: a loss too
     assert norm.last_loss is not None
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")             # eval forwards need no teacher
         model(x)
     assert norm.last_loss is None
 
 
-def test_teacher_of_wrong_size_is_an_error_naming_shapes():
+def test_missing_teacher_modes():
+    x, _ = batch("cpu")
     model = SmallCNN().double().train()
-    norm = norm_fast.attach(model, "layer2", C_T, n=2)
-    x, f_t = batch("cpu")
-    norm.set_teacher(f_t[:, :, :2, :2])
-    with pytest.raises(ValueError, match="spatial"):
+    norm_fast.attach(model, "layer2", C_T, n=2, missing_teacher="error")
+    with pytest.raises(RuntimeError, match="no teacher features.*missing_teacher='error'"):
         model(x)
-    # match_spatial brings a larger teacher map down to the student's size.
+    model = SmallCNN().double().train()
+    norm = norm_fast.attach(model, "layer2", C_T, n=2, missing_teacher="ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)
+    assert norm.last_loss is None
+    with pytest.raises(ValueError, match="missing_teacher must be one of"):
+        norm_fast.attach(SmallCNN(), "layer2", C_T, missing_teacher="raise")
+
+
+def test_student_map_smaller_pools_the_teacher_and_bad_ratios_are_errors():
+    model = SmallCNN().double().train()
+    raw, h = capture(model.layer2)                 # the stage output before the FT
+    norm = norm_fast.attach(model, "layer2", C_T, n=2)
+    x, _ = batch("cpu")                            # the student stage gives 4x4 maps
     big = torch.randn(4, C_T, 8, 8, dtype=torch.float64)
-    _, small = norm_fast.match_spatial(torch.empty(4, C_S, 4, 4, dtype=torch.float64), big)
-    norm.set_teacher(small)
+    before = copy.deepcopy(norm)
+    norm.set_teacher(big)
     model(x)
-    assert norm.last_loss is not None
+    _, small = norm_fast.match_spatial(raw[0], big)
+    assert small.shape[2:] == (4, 4)
+    assert rel_err(norm.last_loss, before(raw[0], small)[1]) < 1e-10
+    norm.set_teacher(torch.randn(4, C_T, 6, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="must divide"):
+        model(x)
+    h.remove()
 
 
 def test_remove_restores_the_plain_forward():
@@ -321,3 +346,190 @@ def test_merge_errors_leave_the_model_unchanged():
         norm_fast.merge(model, "fc", norm=n1)
     assert model.norm_layer2 is n1 and model.norm_layer1 is n2
     assert isinstance(model.fc, nn.Linear) and model.fc.in_features == C_S
+
+
+# --- the teacher side: attach(..., teacher=, teacher_layer=) -------------------------------
+class TeacherCNN(nn.Module):
+    """Like SmallCNN with C_T channels in its last stage and maps of `hw_div` the input's."""
+
+    def __init__(self, stride=2, seed=7):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = block(C_IN, C_MID)
+        self.layer2 = nn.Sequential(block(C_MID, C_T, stride), block(C_T, C_T))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(C_T, N_CLASSES)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.layer2(self.stem(x))), 1))
+
+
+def teacher_output(teacher, x):
+    with torch.no_grad():
+        return teacher.layer2(teacher.stem(x))
+
+
+@pytest.mark.parametrize("teacher_stride,student_pooled", [(2, False), (1, False), (4, True)])
+def test_teacher_hook_feeds_the_student_hook(teacher_stride, student_pooled):
+    """Equal maps (stride 2: 4x4 both), a larger teacher map (8x8: pooled to 4x4) and a
+    smaller one (2x2: the student's 4x4 is pooled before the FT), as match_spatial does."""
+    model = SmallCNN().double().train()
+    teacher = TeacherCNN(teacher_stride).double().eval()
+    raw, h = capture(model.layer2)
+    norm = norm_fast.attach(model, "layer2", teacher=teacher, teacher_layer="layer2", n=3)
+    assert norm.teacher_channels == C_T            # read from the teacher's stage
+    before = copy.deepcopy(norm)
+    x, _ = batch("cpu")
+    f_t = teacher_output(teacher, x)
+    with torch.no_grad():
+        teacher(x)
+    logits = model(x)
+    f_s, f_t = norm_fast.match_spatial(raw[0], f_t)
+    want_feats, want_loss = before(f_s, f_t)
+    assert rel_err(norm.last_loss, want_loss) < 1e-10
+    assert rel_err(logits, model.fc(want_feats.mean((2, 3)))) < 1e-10
+    assert (norm._hook_handle.pool is not None) == student_pooled
+    norm.last_loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert norm.expand.weight.grad is not None
+    if student_pooled:                             # eval forwards pool the same way
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        assert out.shape == (4, N_CLASSES)
+        with pytest.raises(ValueError, match="max-pooled by"):
+            norm_fast.merge(model, "fc")
+        assert model.norm_layer2 is norm           # refused: unchanged
+    h.remove()
+
+
+def test_teacher_features_are_detached_and_cast():
+    model = SmallCNN().float().train()
+    teacher = TeacherCNN().double().train()        # float64, in train mode, with gradients
+    norm = norm_fast.attach(model, "layer2", teacher=teacher, n=2)   # teacher_layer = name
+    assert norm._teacher_layer == "layer2"
+    x, _ = batch("cpu")
+    teacher(x)                                     # without no_grad: still detached
+    model(x.float())
+    assert norm.last_loss.dtype == torch.float32
+    norm.last_loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert model.stem[0].weight.grad is not None
+
+
+def test_remove_and_merge_remove_the_teacher_hook_too():
+    model = SmallCNN().double()
+    teacher = TeacherCNN().double().eval()
+    norm = norm_fast.attach(model, "layer2", teacher=teacher, n=2)
+    assert len(teacher.layer2._forward_hooks) == 1
+    norm.remove()
+    assert len(teacher.layer2._forward_hooks) == 0 and len(model.layer2._forward_hooks) == 0
+    model = SmallCNN().double()
+    norm = norm_fast.attach(model, "layer2", teacher=teacher, n=2)
+    norm_fast.merge(model, "fc")
+    assert len(teacher.layer2._forward_hooks) == 0
+
+
+def test_deepcopy_of_an_attached_model_uses_its_own_ft():
+    model = SmallCNN().double().train()
+    norm = norm_fast.attach(model, "layer2", C_T, n=2)
+    clone = copy.deepcopy(model)
+    x, f_t = batch("cpu")
+    clone.norm_layer2.set_teacher(f_t)
+    clone(x)
+    assert clone.norm_layer2.last_loss is not None and norm.last_loss is None
+
+
+def test_teacher_argument_errors():
+    model, teacher = SmallCNN(), TeacherCNN()
+    with pytest.raises(ValueError, match="teacher_channels is required"):
+        norm_fast.attach(model, "layer2")
+    with pytest.raises(ValueError, match="teacher_layer was given without teacher"):
+        norm_fast.attach(model, "layer2", C_T, teacher_layer="layer2")
+    with pytest.raises(TypeError, match="teacher must be an nn.Module"):
+        norm_fast.attach(model, "layer2", teacher="resnet34")
+    with pytest.raises(ValueError, match="teacher_layer 'layer9'.*valid names"):
+        norm_fast.attach(model, "layer2", teacher=teacher, teacher_layer="layer9")
+    with pytest.raises(ValueError, match="cannot infer the output channels of the teacher"):
+        norm_fast.attach(model, "layer2", teacher=teacher, teacher_layer="pool")
+    assert not hasattr(model, "norm_layer2")       # nothing registered by the failures
+
+
+# --- merge(check=...) ---------------------------------------------------------------------
+def test_merge_check_reports_the_largest_difference():
+    model = SmallCNN().double()
+    norm = norm_fast.attach(model, "layer2", C_T, n=3)
+    randomise_bn(norm, torch.Generator().manual_seed(4))
+    train_a_little(model, norm)
+    x, _ = batch("cpu", B=6, seed=99)
+    model.train()
+    with torch.no_grad():
+        want = model.eval()(x)
+    model.train()
+    merged, diff = norm_fast.merge(model, "fc", check=x)
+    assert merged is model and model.training      # the mode is restored
+    assert 0 <= diff < 1e-10
+    with torch.no_grad():
+        assert (model.eval()(x) - want).abs().max().item() == pytest.approx(diff, abs=1e-14)
+
+
+class ReluAfterStage(SmallCNN):
+    """The stage output passes a ReLU before pooling: the FT cannot be folded."""
+
+    def forward(self, x):
+        f = torch.relu(self.layer2(self.layer1(self.stem(x))) - 0.5)
+        return self.fc(torch.flatten(self.pool(f), 1))
+
+
+def test_merge_check_failure_leaves_the_model_unchanged():
+    model = ReluAfterStage().double()
+    norm = norm_fast.attach(model, "layer2", C_T, n=3)
+    randomise_bn(norm, torch.Generator().manual_seed(4))
+    train_a_little(model, norm)
+    fc = model.fc
+    x, f_t = batch("cpu", B=6, seed=99)
+    with pytest.raises(ValueError, match="merge check failed.*model is unchanged"):
+        norm_fast.merge(model, "fc", check=x)
+    assert model.fc is fc and model.norm_layer2 is norm and norm._hook_handle is not None
+    norm.set_teacher(f_t)
+    model.train()(x)
+    assert norm.last_loss is not None              # still attached and working
+
+
+# --- real architectures: torchvision's structure at tiny widths (tests/tiny_models.py) -----
+@pytest.mark.parametrize("teacher_fn,student_fn,student_layer,teacher_layer,fc_name", [
+    (tiny_models.resnet34, tiny_models.resnet18, "layer4", "layer4", "fc"),
+    (tiny_models.resnet50, tiny_models.mobilenet_v2, "features", "layer4", "classifier.1"),
+])
+def test_attach_train_merge_on_torchvision_structures(teacher_fn, student_fn, student_layer,
+                                                      teacher_layer, fc_name):
+    torch.manual_seed(0)
+    teacher, student = teacher_fn(num_classes=10).eval(), student_fn(num_classes=10)
+    plain = n_params(student)
+    norm = norm_fast.attach(student, student_layer, teacher=teacher,
+                            teacher_layer=teacher_layer, n=8)
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    student.train()
+    for _ in range(2):
+        x = torch.randn(4, 3, 64, 64, generator=gen)
+        y = torch.randint(0, 10, (4,), generator=gen)
+        with torch.no_grad():
+            teacher(x)
+        loss = F.cross_entropy(student(x), y) + norm.last_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss)
+    x = torch.randn(4, 3, 64, 64, generator=gen)
+    _, diff = norm_fast.merge(student, fc_name, check=x)
+    assert diff < 1e-4
+    assert n_params(student) == plain
+
+
+def test_teacher_that_is_not_a_tensor_is_a_type_error():
+    model = SmallCNN().double().train()
+    norm = norm_fast.attach(model, "layer2", C_T, n=2)
+    norm.set_teacher([1.0, 2.0])
+    with pytest.raises(TypeError, match="f_t must be a torch.Tensor"):
+        model(batch("cpu")[0])

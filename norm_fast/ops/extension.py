@@ -11,12 +11,20 @@ Order:
      without a compiler imports norm_fast fine and the dispatcher falls back to the
      pure-PyTorch kernels with a visible warning.
 Set NORM_FAST_NO_EXTENSION=1 to skip the extension entirely.
+
+The sources are read from the repository's csrc/ (a source checkout or an editable
+install) or, in an installed wheel, from the package's own copy `norm_fast/csrc/`
+(setup.py ships it as package data). A JIT build that has to compile (nothing usable in
+the cache yet) prints one message to stderr first: what is built, about how long it
+takes, and where the cache lives; and one line when it is done.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
+import time
 from types import ModuleType
 from typing import List, Optional, Tuple
 
@@ -24,10 +32,22 @@ from torch import Tensor
 
 from .spec import DEFAULT_CHUNK_BYTES
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_CSRC = os.path.join(_REPO, "csrc")
 _CPU_SOURCES = ("bindings.cpp", "cpu/norm_cpu.cpp")
 _CUDA_SOURCES = ("cuda/norm_cuda.cpp", "cuda/norm_kernels.cu")
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # .../norm_fast
+
+
+def _find_csrc() -> str:
+    """The C++ sources: the repository's csrc/ beside the package (source tree, editable
+    install), else the copy installed inside the package (norm_fast/csrc/, a wheel)."""
+    candidates = (os.path.join(os.path.dirname(_PACKAGE), "csrc"), os.path.join(_PACKAGE, "csrc"))
+    for path in candidates:
+        if all(os.path.isfile(os.path.join(path, s)) for s in _CPU_SOURCES):
+            return path
+    return candidates[-1]
+
+
+_CSRC = _find_csrc()
 
 _lock = threading.Lock()
 _state: Optional[Tuple[Optional[ModuleType], str]] = None
@@ -67,7 +87,40 @@ def _jit(with_cuda: bool) -> ModuleType:
         name = "norm_fast_C_cuda"
     else:
         kwargs["extra_cflags"] = _cxx_flags()
-    return cpp_load(name=name, sources=sources, verbose=False, **kwargs)
+    cached, where = _cached_build(name, sources)
+    if not cached:
+        sys.stderr.write(
+            f"norm_fast: compiling the C++{'/CUDA' if with_cuda else ''} extension "
+            f"({name}) from {_CSRC} on first use; this happens once per torch version and "
+            f"source change and takes about {'3-10 minutes' if with_cuda else '30-90 s'} "
+            f"(ninja + {_compiler() or 'c++'}). Cache: {where} (set TORCH_EXTENSIONS_DIR to "
+            "move it). To build at install time instead: pip install --no-build-isolation .\n")
+        sys.stderr.flush()
+    start = time.perf_counter()
+    module = cpp_load(name=name, sources=sources, verbose=False, **kwargs)
+    if not cached:
+        sys.stderr.write(f"norm_fast: C++ extension ready "
+                         f"({time.perf_counter() - start:.0f} s).\n")
+    return module
+
+
+def _cached_build(name: str, sources: List[str]) -> Tuple[bool, str]:
+    """(whether torch's extension cache holds a build of `name` newer than every source,
+    the cache directory). Only decides whether to announce a compile; the cache itself is
+    torch.utils.cpp_extension's (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions/
+    py<ver>_<cpu|cuXY>/<name>)."""
+    from torch.utils import cpp_extension
+    try:
+        where = cpp_extension._get_build_directory(name, verbose=False)
+    except Exception:  # noqa: BLE001 - a private helper; the message only loses its path
+        return False, os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
+    newest_source = max((os.path.getmtime(s) for s in sources if os.path.exists(s)), default=0)
+    try:
+        built = [os.path.getmtime(os.path.join(where, f)) for f in os.listdir(where)
+                 if f.endswith((".so", ".pyd"))]
+    except OSError:
+        built = []
+    return bool(built) and max(built) >= newest_source, where
 
 
 def _stale_prebuilt() -> str:
