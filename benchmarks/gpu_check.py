@@ -425,7 +425,7 @@ def write_summary(run: Run, final: bool) -> None:
              f"{env.get('torch')} (CUDA {env.get('torch_cuda')})  triton {env.get('triton')}  "
              f"python {env.get('python')}",
              f"TF32: {info.get('tf32', '?')}",
-             "backends: " + "; ".join(f"{n} {'yes' if b.get('available') else 'no (' + str(b.get('reason'))[:50] + ')'}"
+             "backends: " + "; ".join(f"{n} {'yes' if b.get('available') else 'no (' + str(b.get('reason'))[:70] + ')'}"
                                       for n, b in env.get("backends", {}).items()),
              "steps: " + "; ".join(f"{n} {s} {t:.0f}s" for n, s, t, _ in run.steps)]
     notes = [f"  {n}: {note}" for n, _, _, note in run.steps if note]

@@ -15,8 +15,9 @@ and interquartile range. DRY_RUN (CPU): wall clock, benchmarks/timing.py's QUICK
 Peak memory: benchmarks/memory.py (max_memory_allocated after a reset, minus inputs).
 
 Order (most important first; the deadline turns the rest into "skipped: budget"):
-resnet34-resnet18 float32 then bfloat16, both passes, every path including the compiled
-literal; then the other shapes, eager paths and the graph; then their compiled literal.
+resnet34-resnet18 forward+backward in float32 then bfloat16, then its forward, every path
+including the compiled literal; then the other shapes' eager paths and the graph
+(forward+backward first); then their compiled literal.
 Records: `make bench`'s format (report.REQUIRED_KEYS and more), results.json rewritten
 after every (shape, dtype); run_info.json gets the timing method.
 """
@@ -189,29 +190,29 @@ class Runner:
         report.add_ratios(records)
         report.write_all(self.out_dir, records, [], self.info, final=False)
 
-    def group(self, shape, dtype_name: str, path_list: List[paths.PathSpec],
+    def group(self, shape, dtype_name: str, pass_: str, path_list: List[paths.PathSpec],
               with_graph: bool, built: dict) -> None:
-        """Both passes of every path in `path_list` (+ the graph) at one (shape, dtype)."""
+        """One pass of every path in `path_list` (+ the graph) at one (shape, dtype)."""
         dtype = steps.DTYPES[dtype_name]
         twins = {}
         for p in path_list:
             t = paths.twin(p, path_list, shape, self.device.type)
             if t is not None:
                 twins[p.name] = t.name
-        for pass_ in ("forward+backward", "forward"):
-            recs = {}
-            for p in path_list + ([GRAPH] if with_graph else []):
-                rec = recs[p.name] = base_record(p, shape, dtype_name, pass_, self.device)
-                self.records.append(rec)
-                if p.name in twins:
-                    continue
-                self._row(p, rec, shape, dtype, pass_, built)
+        recs = {}
+        for p in path_list + ([GRAPH] if with_graph else []):
+            rec = recs[p.name] = base_record(p, shape, dtype_name, pass_, self.device)
+            self.records.append(rec)
+            if p.name in twins:
+                continue
+            self._row(p, rec, shape, dtype, pass_, built)
+            if rec["status"] != "skipped":
                 self.save()
-            for name, twin_name in twins.items():
-                copied = {k: v for k, v in recs[twin_name].items() if k.startswith("time_")
-                          or k in ("rounds", "peak_mem_bytes", "status", "error")}
-                recs[name].update(copied, same_as=twin_name)
-            self.save()
+        for name, twin_name in twins.items():
+            copied = {k: v for k, v in recs[twin_name].items() if k.startswith("time_")
+                      or k in ("rounds", "peak_mem_bytes", "status", "error")}
+            recs[name].update(copied, same_as=twin_name)
+        self.save()
 
     def _row(self, p, rec, shape, dtype, pass_, built) -> None:
         label = f"{shape.name} B={shape.batch} {rec['dtype']} {pass_} {p.name}"
@@ -288,12 +289,16 @@ class Runner:
 
 
 def plan():
-    """[(shape, dtype, eager?, compiled?)] in priority order (see the module docstring)."""
+    """[(shape, dtype, pass, eager paths?, compiled literal?)] in priority order: the main
+    shape (both passes, both dtypes, every path), then the other shapes' eager paths
+    (forward+backward first), then their compiled literal."""
     shapes = C.run_shapes(SHAPES)
     main, others = shapes[0], shapes[1:]
-    units = [(main, d, True, True) for d in C.DTYPE_NAMES]
-    units += [(s, d, True, False) for s in others for d in C.DTYPE_NAMES]
-    units += [(s, d, False, True) for s in others for d in C.DTYPE_NAMES]
+    passes = ("forward+backward", "forward")
+    units = [(main, d, p, True, True) for p in passes for d in C.DTYPE_NAMES]
+    for eager, compiled in ((True, False), (False, True)):
+        units += [(s, d, p, eager, compiled) for p in passes for s in others
+                  for d in C.DTYPE_NAMES]
     return units
 
 
@@ -308,14 +313,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     eager = [paths.REFERENCE] + C.norm_fast_paths(device.type)
     C.say("timing", f"paths: {', '.join(x.name for x in eager)}, reference-compiled "
           f"({C.compile_backend()}), {GRAPH.name}")
+    units = plan()
+    last_eager = {u[0].name: i for i, u in enumerate(units) if u[3]}
     built_by_shape: Dict[str, dict] = {}
-    for shape, dtype_name, with_eager, with_compiled in plan():
+    for i, (shape, dtype_name, pass_, with_eager, with_compiled) in enumerate(units):
         built = built_by_shape.setdefault(shape.name, {})
         group = (eager if with_eager else []) + ([paths.REFERENCE_COMPILED] if with_compiled else [])
-        runner.group(shape, dtype_name, group, with_graph=with_eager, built=built)
-        # the eager modules of a shape are done after its last dtype
-        if dtype_name == C.DTYPE_NAMES[-1]:
-            built_by_shape.pop(shape.name, None)
+        runner.group(shape, dtype_name, pass_, group, with_graph=with_eager, built=built)
+        if i == last_eager[shape.name]:   # keep only the compiled module of this shape
+            for key in [k for k in built if k != "reference-compiled" and
+                        not k.startswith("compile_s")]:
+                del built[key]
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
