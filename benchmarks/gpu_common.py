@@ -119,6 +119,22 @@ class Deadline:
         return self.left() <= reserve
 
 
+def step_args(prog: str, argv=None, extra=()):
+    """The command line every step child takes: --out DIR --deadline EPOCH_S (+ `extra`,
+    (flag, help) pairs of string options). Returns (args, device, Deadline); the
+    "no compiled kernels" warning is silenced (the environment step reports it)."""
+    import argparse
+    import warnings
+    p = argparse.ArgumentParser(prog=f"python -m {prog}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--deadline", type=float, required=True, help="absolute time.time()")
+    for flag, help_ in extra:
+        p.add_argument(flag, default="", help=help_)
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message="norm_fast: no compiled kernels")
+    return args, device(), Deadline(args.deadline)
+
+
 def available_backends(device_type: str) -> List[Tuple[str, bool, str]]:
     """[(backend, usable on this device type, reason)] for every concrete backend."""
     from norm_fast import dispatch

@@ -23,9 +23,7 @@ C++/CUDA extension builds, then cpp/cuda/auto); rows already in the file are kep
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import warnings
 from typing import Dict, List, Optional
 
@@ -172,13 +170,8 @@ def check_shape(shape, dtype_names, candidates: List[PathSpec], with_reference: 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_correctness")
-    p.add_argument("--out", required=True)
-    p.add_argument("--deadline", type=float, required=True, help="absolute time.time()")
-    p.add_argument("--backends", default="", help="comma list (default: all, and auto)")
-    args = p.parse_args(argv)
-    device = C.device()
-    deadline = C.Deadline(args.deadline)
+    args, device, deadline = C.step_args("benchmarks.gpu_correctness", argv, [
+        ("--backends", "comma list of backends, 'auto' for norm_fast-auto (default: all)")])
     wanted = [b for b in args.backends.split(",") if b] or None
     path = C.out_path(args.out, "correctness.json")
     rows: List[dict] = C.read_json(path, [])

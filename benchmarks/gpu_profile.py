@@ -15,10 +15,8 @@ GPU busy time "skipped: no CUDA"). Writes profile.txt, rewritten after each part
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
-import warnings
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -166,13 +164,7 @@ def rate_lines(shape, device: torch.device) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_profile")
-    p.add_argument("--out", required=True)
-    p.add_argument("--deadline", type=float, required=True)
-    args = p.parse_args(argv)
-    warnings.filterwarnings("ignore", message="norm_fast: no compiled kernels")
-    device = C.device()
-    deadline = C.Deadline(args.deadline)
+    args, device, deadline = C.step_args("benchmarks.gpu_profile", argv)
     shape = C.run_shapes([C.MAIN_SHAPE])[0]
     path = C.out_path(args.out, "profile.txt")
     lines = [f"profile at {shape.name} ({shape.describe()}) on {device.type}"

@@ -23,14 +23,9 @@ after every (shape, dtype); run_info.json gets the timing method.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import gc
-import json
-import os
 import time
-import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -56,11 +51,12 @@ CPU_TIMING = ("DRY_RUN: wall clock of 2 calls after the first call and the memor
 # --- closures ----------------------------------------------------------------------------
 
 def make_step(call: Callable, module: torch.nn.Module, shape, device: torch.device,
-              dtype: torch.dtype, pass_: str, autocast_cache: bool = True):
+              dtype: torch.dtype, pass_: str, autocast_cache: bool = True, inputs=None):
     """One call of `pass_` as steps.make_step makes it, without the trailing device
     synchronisation (the CUDA events bracket the work; a sync inside would add the host's
-    wake-up to every time). `step.clear()` drops the gradients; `step.inputs` the inputs."""
-    f_s, f_t, grad_f32 = steps.make_inputs(shape, device, dtype)
+    wake-up to every time). `inputs`: steps.make_inputs(...) to share between paths (each
+    step drops f_s.grad before its forward); `step.clear()` drops the gradients."""
+    f_s, f_t, grad_f32 = inputs or steps.make_inputs(shape, device, dtype)
     grads: Dict[torch.dtype, torch.Tensor] = {}
 
     def forward():
@@ -83,7 +79,7 @@ def make_step(call: Callable, module: torch.nn.Module, shape, device: torch.devi
             g = grads[features.dtype] = grad_f32.to(features.dtype)
         torch.autograd.backward((loss, features), (None, g))
 
-    step.clear, step.inputs = clear, (f_s, f_t)
+    step.clear = clear
     return step
 
 
@@ -172,6 +168,7 @@ class Runner:
     def __init__(self, out_dir: str, deadline: C.Deadline, device: torch.device):
         self.out_dir, self.deadline, self.device = out_dir, deadline, device
         self.records: List[dict] = []
+        self.inputs: Dict[tuple, tuple] = {}
         self.timer = EventTimer(device) if device.type == "cuda" else cpu_timer
         self.info = C.read_json(C.out_path(out_dir, "run_info.json"), {})
         self.info.update({
@@ -200,6 +197,11 @@ class Runner:
             if t is not None:
                 twins[p.name] = t.name
         recs = {}
+        if self.deadline.spent():        # nothing starts: record the group as skipped
+            for p in path_list + ([GRAPH] if with_graph else []):
+                self.records.append(dict(base_record(p, shape, dtype_name, pass_, self.device),
+                                         status="skipped", error="skipped: budget"))
+            return
         for p in path_list + ([GRAPH] if with_graph else []):
             rec = recs[p.name] = base_record(p, shape, dtype_name, pass_, self.device)
             self.records.append(rec)
@@ -242,7 +244,12 @@ class Runner:
                 rec["cuda_graph"] = True
                 rec["note"] = "peak memory: the graph's pool is allocated at capture"
             else:
-                step = make_step(call, module, shape, self.device, dtype, pass_)
+                key_in = (shape.name, shape.batch, dtype)
+                if key_in not in self.inputs:      # one set per (shape, dtype), not per row
+                    self.inputs.clear()
+                    self.inputs[key_in] = steps.make_inputs(shape, self.device, dtype)
+                step = make_step(call, module, shape, self.device, dtype, pass_,
+                                 inputs=self.inputs[key_in])
             if p.compiled:
                 ckey = f"compile_s {rec['dtype']}"
                 if ckey not in built and self.deadline.left() < COMPILE_RESERVE_S[C.dry_run()]:
@@ -303,13 +310,8 @@ def plan():
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_timing")
-    p.add_argument("--out", required=True)
-    p.add_argument("--deadline", type=float, required=True)
-    args = p.parse_args(argv)
-    warnings.filterwarnings("ignore", message="norm_fast: no compiled kernels")
-    device = C.device()
-    runner = Runner(args.out, C.Deadline(args.deadline), device)
+    args, device, deadline = C.step_args("benchmarks.gpu_timing", argv)
+    runner = Runner(args.out, deadline, device)
     eager = [paths.REFERENCE] + C.norm_fast_paths(device.type)
     C.say("timing", f"paths: {', '.join(x.name for x in eager)}, reference-compiled "
           f"({C.compile_backend()}), {GRAPH.name}")
@@ -320,9 +322,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         built = built_by_shape.setdefault(shape.name, {})
         group = (eager if with_eager else []) + ([paths.REFERENCE_COMPILED] if with_compiled else [])
         runner.group(shape, dtype_name, pass_, group, with_graph=with_eager, built=built)
-        if i == last_eager[shape.name]:   # keep only the compiled module of this shape
-            for key in [k for k in built if k != "reference-compiled" and
-                        not k.startswith("compile_s")]:
+        eager_keys = [k for k in built if k != "reference-compiled" and
+                      not k.startswith("compile_s")]
+        if i == last_eager[shape.name] and eager_keys:  # keep only this shape's compiled one
+            for key in eager_keys:
                 del built[key]
             gc.collect()
             if device.type == "cuda":
