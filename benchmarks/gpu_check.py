@@ -135,6 +135,7 @@ class Run:
         self.ext_dir = os.path.join(self.work, "torch_extensions")
         self.steps: List[tuple] = []            # (name, status, seconds, note)
         self.extension_ready = False
+        self.current: Optional[Child] = None     # the step child running now
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_EXTENSIONS_DIR=self.ext_dir,
                         GPU_CHECK_DRY_RUN="1" if C.dry_run() else "0")
         if C.dry_run():  # 2 shared cores: no OpenMP spin-waits against the build's compiler
@@ -169,7 +170,7 @@ class Run:
         cmd = [sys.executable, "-m", module, "--out", self.out, "--deadline",
                f"{child_deadline:.1f}", *extra]
         C.say(name, f"start (limit {limit:.0f} s)")
-        child = Child(cmd, self.child_env())
+        child = self.current = Child(cmd, self.child_env())
         status = child.wait(limit)
         self.record(name, status, child.seconds)
         return status
@@ -189,7 +190,7 @@ class Run:
         with open(log, "a") as f:
             f.write(f"===== {name}: {' '.join(cmd[2:])} (limit {limit:.0f} s"
                     + (", DRY_RUN: CPU cases" if C.dry_run() else "") + ")\n")
-        child = Child(cmd, env, log=log, quiet=True)
+        child = self.current = Child(cmd, env, log=log, quiet=True)
         status = child.wait(limit)
         last = next((ln for ln in reversed(child.tail)
                      if re.search(r"\b(passed|failed|error|skipped|deselected|no tests ran)\b", ln)),
@@ -350,7 +351,7 @@ def auto_lines(rows: List[dict]) -> List[str]:
         cands = [r for r in group if _ok(r) and not r.get("compiled") and not r.get("cuda_graph")
                  and "auto" not in (r.get("requested_backend"), r.get("requested_algorithm"))]
         if auto is None or not _ok(auto) or not cands:
-            why = (auto or {}).get("error") or "not measured"
+            why = (f"{auto.get('status')}: {auto.get('error')}" if auto else "not measured")
             lines.append(f"  {shape:22s} {dtype:8s} auto: {why}"[:100])
             continue
         best = min(cands, key=lambda r: r["time_ms"])
@@ -362,8 +363,8 @@ def auto_lines(rows: List[dict]) -> List[str]:
                                                        if wrong else ""))
         if wrong:
             misses.append(f"{shape} {dtype}")
-    head = [f"auto's choice vs the fastest eager path (forward+backward); auto missed: "
-            f"{', '.join(misses) if misses else 'none'}"]
+    head = [f"auto's choice vs the fastest eager path (forward+backward): auto missed "
+            f"{len(misses)} of {len(keys)} (MISS: slower by > 5% and > the IQR)"]
     return head + lines
 
 
@@ -382,7 +383,8 @@ def headline_lines(rows: List[dict]) -> List[str]:
                 f"{_fmt(comp.get('time_ms'))} ms (compile {_fmt(comp.get('compile_s'))} s), auto "
                 f"{_fmt(a.get('time_ms'))} ms = x{_fmt(a.get('speedup_vs_reference'))} vs eager, "
                 f"x{_fmt(a.get('speedup_vs_compiled'))} vs compiled; graph "
-                + (f"{_fmt(gr.get('time_ms'))} ms" if _ok(gr) else (gr.get("error") or "-")[:40]))
+                + (f"{_fmt(gr.get('time_ms'))} ms" if _ok(gr) else
+                   f"{gr.get('status', '-')}: {gr.get('error', '')}"[:60]))
     return lines
 
 
@@ -463,6 +465,9 @@ def orchestrate(out: str, total_s: float) -> int:
     run = Run(out, total_s)
     C.say("gpu-check", f"{'DRY_RUN (CPU) ' if C.dry_run() else ''}output {out}; budget "
           f"{total_s:.0f} s; extension builds in {run.ext_dir}")
+    def on_term(signum, frame):  # killed from outside: still write the report and summary
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
     result_path = os.path.join(run.work, "build.json")
     build = Child([sys.executable, "-m", "benchmarks.gpu_check", "--step", "build",
                    "--result", result_path], dict(run.env),
@@ -487,8 +492,12 @@ def orchestrate(out: str, total_s: float) -> int:
         run.step("timing", "benchmarks.gpu_timing",
                  limit=run.deadline.left() - budget("report") - budget("profile"))
         run.step("profile", "benchmarks.gpu_profile")
+    except KeyboardInterrupt as exc:
+        run.steps.append(("interrupted", str(exc) or "KeyboardInterrupt", 0.0, ""))
     finally:
-        build.kill()
+        for child in (run.current, build):
+            if child is not None:
+                child.kill()
         finish_records(out)
         t0 = time.time()
         try:

@@ -200,7 +200,7 @@ class Runner:
         if self.deadline.spent():        # nothing starts: record the group as skipped
             for p in path_list + ([GRAPH] if with_graph else []):
                 self.records.append(dict(base_record(p, shape, dtype_name, pass_, self.device),
-                                         status="skipped", error="skipped: budget"))
+                                         status="skipped", error="budget"))
             return
         for p in path_list + ([GRAPH] if with_graph else []):
             rec = recs[p.name] = base_record(p, shape, dtype_name, pass_, self.device)
@@ -221,10 +221,10 @@ class Runner:
         if rec["status"] == "failed":
             return
         if self.deadline.spent():
-            rec.update(status="skipped", error="skipped: budget")
+            rec.update(status="skipped", error="budget")
             return
         if p is GRAPH and self.device.type != "cuda":
-            rec.update(status="skipped", error="skipped: no CUDA (CUDA graphs)")
+            rec.update(status="skipped", error="no CUDA (CUDA graphs)")
             C.say("timing", f"{label}: skipped: no CUDA")
             return
         try:
@@ -253,7 +253,7 @@ class Runner:
             if p.compiled:
                 ckey = f"compile_s {rec['dtype']}"
                 if ckey not in built and self.deadline.left() < COMPILE_RESERVE_S[C.dry_run()]:
-                    rec.update(status="skipped", error="skipped: budget (too little left to "
+                    rec.update(status="skipped", error="budget (too little left to "
                                "compile)")
                     return
                 if ckey not in built:
@@ -303,9 +303,9 @@ def plan():
     main, others = shapes[0], shapes[1:]
     passes = ("forward+backward", "forward")
     units = [(main, d, p, True, True) for p in passes for d in C.DTYPE_NAMES]
-    for eager, compiled in ((True, False), (False, True)):
-        units += [(s, d, p, eager, compiled) for p in passes for s in others
-                  for d in C.DTYPE_NAMES]
+    units += [(s, d, p, True, False) for p in passes for s in others for d in C.DTYPE_NAMES]
+    # shape by shape: the next shape's torch._dynamo.reset() drops this one's graphs
+    units += [(s, d, p, False, True) for s in others for p in passes for d in C.DTYPE_NAMES]
     return units
 
 
