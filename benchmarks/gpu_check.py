@@ -305,7 +305,8 @@ def merge_build(run: Run, status: str, seconds: float) -> None:
     else:
         for name in ("cpp", "cuda"):
             backends[name] = {"available": False, "reason": f"extension build {status}"}
-    env["extension_build"] = {"status": status, "seconds": round(seconds, 1),
+    env["extension_build"] = {"status": status,
+                              "seconds": res["seconds"] if res else round(seconds, 1),
                               "how": res["how"] if res else None,
                               "torch_extensions_dir": "a fresh temporary folder"}
     C.write_atomic(path, json.dumps(info, indent=1, default=str))
