@@ -482,8 +482,8 @@ def orchestrate(out: str, total_s: float) -> int:
                                 run.deadline.left() - budget("after-build")))
         run.extension_ready = status == "ok"
         merge_build(run, status, build.seconds)
-        note = "; ".join(ln for ln in build.tail if "build:" in ln)[-200:] if status == "ok" else \
-            " | ".join(build.tail[-3:])[-300:]
+        note = ("; ".join(ln.split("build: ", 1)[-1] for ln in build.tail if "build: " in ln)
+                if status == "ok" else " | ".join(build.tail[-3:]))[-300:]
         run.record("build-wait", status, build.seconds, note)
         if run.extension_ready:
             run.pytest("tests-ext")
