@@ -36,9 +36,14 @@ bench: venv
 bench-suite: venv
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/pytest_benchmark.json
 
-# One prepared run for a lent GPU machine (no network): tests on CUDA, then benchmarks.
+# One prepared run for a lent GPU machine (no network, installs nothing, <= 8 min):
+# environment, extension build, CUDA tests, correctness, timing, profile into $(OUT).
+# `make gpu-check DRY_RUN=1`: the same run on the CPU, tiny shapes, <= 2 min (CI runs it
+# through tests/test_gpu_check.py). See benchmarks/gpu_check.py.
+DRY_RUN ?= 0
+OUT ?=
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	DRY_RUN="$(DRY_RUN)" OUT="$(OUT)" bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
