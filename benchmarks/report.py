@@ -384,7 +384,8 @@ def readme_snippet(records: Sequence[dict], sweep_rows: Sequence[dict], info: di
              f"(torch {info.get('torch')}, {info.get('threads')} threads, load average "
              f"{info.get('load_average')}), {info.get('date')}: "
              f"[`{run_dir}/results.md`]({run_dir}/results.md) (data: `results.json`, "
-             f"plots: `results.png`).", ""]
+             f"plots: `results.png`).", "", f"![make bench: headline, N sweep, batch sweep]"
+             f"({run_dir}/results.png)", ""]
     for dtype, pass_, _ in blocks(records):
         if pass_ == HEADLINE_PASS:
             lines += [f"{dtype}, forward + backward:", "",
@@ -464,16 +465,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("dirs", nargs="+", metavar="RUN_DIR")
     ap.add_argument("--readme", action="store_true",
                     help="print the README snippet (headline + N sweep) of one run")
+    ap.add_argument("--update-readme", action="store_true",
+                    help="with --readme: write it into README.md between the bench markers")
     args = ap.parse_args(argv)
     for d in args.dirs:
         if args.readme:
             records, sweep_rows, _, info = load(d)
-            rel = os.path.relpath(os.path.abspath(d), os.path.dirname(os.path.dirname(
-                os.path.abspath(__file__))))
-            print(readme_snippet(records, sweep_rows, info, rel))
+            rel = os.path.relpath(os.path.abspath(d), REPO)
+            snippet = readme_snippet(records, sweep_rows, info, rel)
+            print(snippet)
+            if args.update_readme:
+                update_readme(os.path.join(REPO, "README.md"), snippet)
         else:
             print("\n".join(rerender(d)))
     return 0
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README_BEGIN, README_END = "<!-- bench:begin", "<!-- bench:end -->"
+
+
+def update_readme(path: str, snippet: str) -> None:
+    """Replace what lies between the README's bench markers (kept) by `snippet`."""
+    with open(path) as f:
+        text = f.read()
+    a = text.find(README_BEGIN)
+    b = text.find(README_END)
+    if a < 0 or b < a:
+        raise SystemExit(f"{path}: no '{README_BEGIN} ... -->' / '{README_END}' markers")
+    a = text.index("\n", a) + 1
+    with open(path, "w") as f:
+        f.write(text[:a] + snippet.rstrip() + "\n" + text[b:])
 
 
 if __name__ == "__main__":
