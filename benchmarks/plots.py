@@ -81,8 +81,7 @@ def headline_axes(ax_t, ax_m, records: Sequence[dict], dtype: str) -> bool:
         ax.set_xticklabels(ticks, fontsize=7, rotation=20, ha="right")
         ax.axhline(1.0, color=COLORS["reference"], lw=1, ls="--", label="eager literal = 1")
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(__import__("matplotlib.ticker").ticker.FuncFormatter(
-            lambda v, _: f"{v:g}"))
+        _plain_ticks(ax)
         ax.grid(axis="y", alpha=0.3, which="both")
     ax_t.set_ylabel("speed-up over the eager literal (x, log scale)")
     ax_t.set_title(f"forward+backward time, {dtype} (bar labels: wall ms)", fontsize=9)
@@ -103,7 +102,10 @@ def _sweep_groups(sweep_rows: Sequence[dict], sweep: str) -> Dict[Tuple, List[di
 def _lines(ax, rows: Sequence[dict], key: str, field: str, scale: float, model: bool) -> None:
     paths: List[str] = []
     for r in rows:
-        if r["path"] not in paths:
+        # norm_fast-<backend>-auto always repeats one of that backend's algorithms: drawn
+        # once, as that algorithm; norm_fast-auto (what a user gets) is drawn, thick.
+        if r["path"] not in paths and not (r["path"].endswith("-auto")
+                                           and r["path"] != "norm_fast-auto"):
             paths.append(r["path"])
     for p in paths:
         pts = sorted((r for r in rows if r["path"] == p and _ok(r)), key=lambda r: r[key])
@@ -124,17 +126,21 @@ def _lines(ax, rows: Sequence[dict], key: str, field: str, scale: float, model: 
     ax.set_yscale("log")
     values = sorted({r[key] for r in rows})
     ax.set_xticks(values)
-    _plain_ticks(ax)
+    _plain_ticks(ax, x=True)
     ax.grid(alpha=0.3, which="both")
 
 
-def _plain_ticks(ax) -> None:
-    """Numbers as numbers (64, 0.5) on log axes, not powers of ten."""
+def _plain_ticks(ax, x: bool = False) -> None:
+    """Numbers as numbers (64, 0.5) on log axes, not powers of ten; the x axis of a sweep
+    labels the swept values only."""
     from matplotlib.ticker import FuncFormatter, NullFormatter
     fmt = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.xaxis.set_major_formatter(fmt)
-    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(FuncFormatter(
+        lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+    if x:
+        ax.xaxis.set_major_formatter(fmt)
+        ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def n_sweep_axes(ax_t, ax_m, sweep_rows: Sequence[dict]) -> bool:
