@@ -12,10 +12,11 @@ the batches are chosen from an *estimate*, made in three steps:
 2. Scale (`Estimator.call_s`): a literal call at another batch or N takes its probe's time
    times the ratio of `dispatch.cost_model` multiply-adds; a direct or decomposed call,
    its multiply-adds at norm_fast's probed rate. A compiled path adds `COMPILE_S`.
-3. Fit (`shrink_to_budget`): start at the paper batch, halve where one literal
-   forward+backward would exceed `call_cap_s` (the issue's "about 60 s"), then halve,
-   greedily where it saves most, until the section's estimated wall time (warm-up, memory
-   call, timed rounds: `timing.estimate_seconds`) fits its share of the run's budget.
+3. Fit: start at the paper batch, halve where one literal forward+backward would exceed
+   `call_cap_s` (the issue's "about 60 s"), then halve until the estimated wall time of
+   the measurement (memory call, warm-up, timed rounds: `timing.estimate_seconds`) fits
+   the shape's fair share of the section's budget (`choose_batches`; the N sweep's one
+   batch: `shrink_to_budget`).
 Every lowered batch says so in its rows (`batch_scaled`, `paper_batch`, `batch_choice`).
 """
 from __future__ import annotations
@@ -31,11 +32,12 @@ from norm_fast import dispatch
 
 from . import paths, shapes, steps, timing
 
-# Seconds one torch.compile of the literal module costs (forward and backward graphs),
-# measured cold on the 2-core development CPU: 7-20 s. A planning figure only.
-COMPILE_S = {"cpu": 15.0, "cuda": 30.0}
+# Seconds one torch.compile of the literal module costs (forward and backward graphs) on
+# top of its measurement: 7-20 s cold on the 2-core development CPU under load, about 10 s
+# in a quiet full run (issue 14). A planning figure only.
+COMPILE_S = {"cpu": 11.0, "cuda": 30.0}
 # Shares of the run's budget per section; the rest (8%) is margin for set-up and reports.
-SHARES = {"headline": 0.50, "n": 0.25, "batch": 0.12, "step": 0.05}
+SHARES = {"headline": 0.52, "n": 0.25, "batch": 0.10, "step": 0.05}
 
 
 PROBE_MACS = 8e9
@@ -173,23 +175,42 @@ def choose_batches(shape_list: Sequence[shapes.Shape], cost: Callable[[shapes.Sh
                    est: Estimator, budget_s: float, call_cap_s: float,
                    floor: int = 2) -> Dict[str, BatchChoice]:
     """The batch of each shape: its paper batch where the literal fits `call_cap_s` and
-    the summed `cost` fits `budget_s`; otherwise the largest halving that does."""
-    by_name = {s.name: s for s in shape_list}
-    start, lows = {}, {}
+    the shape fits its fair share of `budget_s`; otherwise the largest halving that does.
+
+    Fair shares (max-min, "water-filling"): the shapes are taken cheapest first, each
+    gets the budget left divided by the shapes left, and what a cheap shape does not use
+    passes on to the dearer ones. So one expensive shape is lowered alone, as far as it
+    must, and never pushes the others below their paper batch. A shape whose time hardly
+    falls with its batch (norm_fast's batch-independent algebra dominates) keeps its
+    batch and overspends its share; the run's deadline (run.py) is the backstop.
+    """
+    start = {}
     for s in shape_list:
         b = s.paper_batch
         while b // 2 >= floor and est.literal_call_s(s.at(batch=b)) > call_cap_s:
             b //= 2
-        start[s.name], lows[s.name] = b, min(floor, b)
-    capped = dict(start)
-    chosen = shrink_to_budget(start, lows, lambda k, b: cost(by_name[k].at(batch=b)), budget_s)
+        start[s.name] = b
+    order = sorted(shape_list, key=lambda s: cost(s.at(batch=start[s.name])))
+    left, chosen = budget_s, {}
+    for i, s in enumerate(order):
+        share = left / (len(order) - i)
+        b = start[s.name]
+        # Halve while over the share, but not where halving saves under a quarter: there
+        # the batch-independent algebra dominates, and a smaller batch would only make
+        # the row less like training without making the run shorter.
+        while (b // 2 >= min(floor, b) and cost(s.at(batch=b)) > share
+               and cost(s.at(batch=b // 2)) < 0.75 * cost(s.at(batch=b))):
+            b //= 2
+        chosen[s.name] = b
+        left -= cost(s.at(batch=b))
     out = {}
-    for name, b in chosen.items():
-        s = by_name[name]
+    for s in shape_list:
+        b = chosen[s.name]
         why = est.describe(s.at(batch=s.paper_batch))
-        if capped[name] != s.paper_batch:
+        if start[s.name] != s.paper_batch:
             why += f"; over the {call_cap_s:.0f} s cap per literal call"
-        if b != capped[name]:
-            why += f"; lowered to B={b} to fit this section's share of the budget ({budget_s:.0f} s)"
-        out[name] = BatchChoice(b, s.paper_batch, why)
+        if b != start[s.name]:
+            why += (f"; lowered to B={b} to fit its share of this section's time budget "
+                    f"({budget_s:.0f} s)")
+        out[s.name] = BatchChoice(b, s.paper_batch, why)
     return out
