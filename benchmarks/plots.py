@@ -12,7 +12,7 @@ results.png      all of the above in one figure
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 COLORS = {"reference": "#7f7f7f", "reference-compiled": "#303030", "norm_fast-auto": "#d62728"}
 ALG_COLORS = {"direct": "#1f77b4", "decomposed": "#2ca02c", "auto": "#ff7f0e"}
