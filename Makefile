@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.9.0
 
-.PHONY: venv test bench bench-suite gpu-check cuda-check clean
+.PHONY: venv test bench bench-deps bench-suite gpu-check cuda-check clean
 
 # Last step: the package with the extras test + triton (pytest, pytest-benchmark, numpy,
 # scikit-learn; triton is already there), without build isolation so that the C++
@@ -29,12 +29,21 @@ venv: $(VENV)/.ready
 test: venv
 	$(PY) -m pytest -q tests
 
-bench: venv
+# The optional `bench` dependencies: plots (matplotlib) and the progress bar (tqdm).
+bench-deps: venv
+	$(PY) -c "import matplotlib, tqdm" 2>/dev/null || $(PY) -m pip install -q matplotlib tqdm
+
+# Headline at the paper's batch sizes (lowered where this machine's time budget demands),
+# the N and batch sweeps and the plots, into a new benchmarks/results/<device>/<date-time>/.
+# About 8-9 minutes on a 2-core CPU (BENCH_BUDGET_S, default 480 s on CPU).
+bench: bench-deps
 	$(PY) -m benchmarks.run
 
-# The full pytest-benchmark suite (every path x shape x pass x dtype), JSON for --benchmark-compare.
+# The full pytest-benchmark suite (every path x shape x pass x dtype), JSON for
+# --benchmark-compare, into a new folder per run.
 bench-suite: venv
-	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=benchmarks/results/pytest_benchmark.json
+	d=benchmarks/results/pytest-benchmark/$$(date +%Y%m%d-%H%M%S); mkdir -p $$d && \
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$$d/pytest_benchmark.json
 
 # One prepared run for a lent GPU machine (no network, installs nothing, <= 8 min):
 # environment, extension build, CUDA tests, correctness, timing, profile into $(OUT).

@@ -8,6 +8,10 @@ CPU:  PyTorch's CPU allocator has no peak counter, so one step runs under
       It sees every tensor (eager ops, torch.compile'd kernels, extensions that allocate
       through ATen), not memory a library mallocs on its own; unlike peak RSS it does not
       depend on what glibc kept from earlier steps.
+      The profiler's library (kineto) prints "USDT: ... profiler_start / profiler_stop"
+      lines on stderr at every start and stop; `_quiet_kineto` raises its log threshold
+      above them (KINETO_LOG_LEVEL=6, read when the profiler first starts) unless the user
+      set KINETO_LOG_LEVEL.
 Both count the step's outputs and whatever autograd saved, and start after the previous
 call's gradients were dropped (`step.clear()`), so a step's own gradients are counted.
 """
@@ -52,9 +56,17 @@ def peak_step_bytes(step: Callable[[], object], device: torch.device) -> int:
     return _cpu_peak_bytes(step)
 
 
+def _quiet_kineto() -> None:
+    """Kineto logs at levels VERBOSE 0 .. ERROR 4 and USDT 5 (its trace markers, printed
+    at every profiler start/stop); 6 keeps the terminal free of them. Kineto reads the
+    variable when it initialises (the first profiler start), so this must run before."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
 def _cpu_peak_bytes(step: Callable[[], object]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
+    _quiet_kineto()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = step()
     del out

@@ -89,7 +89,7 @@ class StepConfig:
 
 CPU_STEP = StepConfig(batch=8, image_size=64)
 GPU_STEP = StepConfig(batch=256, image_size=224)
-QUICK_STEP = StepConfig(batch=2, image_size=64)
+QUICK_STEP = StepConfig(batch=2, image_size=32)
 
 
 def make_train_step(norm: Optional[nn.Module], config: StepConfig, device: torch.device,

@@ -1,63 +1,96 @@
-"""`make bench`: time and peak memory of every NORM path at the method's shapes, here.
+"""`make bench`: time and peak memory of NORM's paths at the paper's shapes, and two sweeps.
 
-    python -m benchmarks.run [--full] [--quick] [--memory-snapshot DIR] [--out DIR]
+    python -m benchmarks.run [--quick] [--full] [--plan] [--out DIR] [--memory-snapshot DIR]
 
-Runs every available path (see benchmarks/paths.py) x the six teacher->student shapes
-(benchmarks/shapes.py; scaled down on CPU) x {forward, forward+backward} x the dtypes, then
-a ResNet18-style training step with and without NORM (benchmarks/models.py). Prints a
-table (median time and interquartile range, peak memory, ratios against the reference and
-the compiled reference, all measured in this run) and writes into BENCH_OUT
-(default benchmarks/results/<device name>/):
-    results.json   list of records: shape, path, backend, algorithm, dtype, pass, time_ms
-                   (median), peak_mem_bytes, batch, and more (spread, ratios, status)
-    results.md     the tables, the environment and the methods
-    results.png    time and peak memory per shape and path (forward+backward)
-    run_info.json  environment, methods, left-out paths and the training-step records
-results.json is rewritten after every measurement, so an interrupted run keeps what it had.
+(`--plan`: probe, print the batches and the estimated time of every measurement group,
+and stop.)
+
+1. Headline: every available path (benchmarks/paths.py) at the six teacher->student shapes
+   (benchmarks/shapes.py) at the paper batch (256 ImageNet, 64 CIFAR), forward+backward;
+   a shape whose literal does not fit the time budget here runs at the largest halving
+   that does, and its rows say so (benchmarks/plan.py).
+2. N sweep: resnet34-resnet18, N = 1..16; batch sweep: one ImageNet and one CIFAR pair
+   (benchmarks/sweeps.py), with the cost model's prediction beside each point.
+3. NORM's share of a ResNet18-style training step (benchmarks/models.py).
+Eager measurements run first, the compiled literal last (nothing eager is timed after
+inductor's kernels ran in the process). Prints the tables and writes into a new folder
+per run, `benchmarks/results/<device>/<date-time>/` (git-ignored; `--out` to choose):
+    results.json   {"schema": 2, "rows": [...], "sweeps": [...], "training_step": [...]}
+    results.md     the tables, the environment, the methods
+    results.png    all figures in one; headline.png, n_sweep.png, batch_sweep.png
+    run_info.json  environment, methods, batch choices, left-out paths
+results.json is rewritten after every measurement group, so an interrupted run keeps
+what it had.
 
 Environment knobs (command-line flags win):
-    BENCH_OUT=dir              output folder
-    BENCH_FULL=1               the real batch sizes (default on CUDA; CPU divides them)
+    BENCH_OUT=dir              output folder (default: new per run, see above)
+    BENCH_BUDGET_S=s           wall-time budget the batches are fitted to (CPU default
+                               480; CUDA: none); BENCH_DEADLINE_S=s: start no new
+                               measurement after s seconds (default: budget + 40)
+    BENCH_CALL_CAP_S=s         the most one literal forward+backward may take (60)
+    BENCH_FULL=1               paper batches everywhere, no budget (GPUs)
     BENCH_QUICK=1              one warm-up call and 3 timed rounds (smoke runs)
-    BENCH_SHAPES=a,b           only these shapes            BENCH_BATCH=n  batch override
+    BENCH_SHAPES=a,b           headline shapes            BENCH_BATCH=n  headline batch
     BENCH_PATHS=glob,...       only these paths (the reference always runs)
     BENCH_SKIP=glob,...        leave these paths out (e.g. reference-compiled)
-    BENCH_DTYPES=float32,bfloat16   default: both on a GPU with native bfloat16, float32
-                               on CPU (the pytest suite runs both wherever native)
-    BENCH_PASSES=forward,forward+backward
-    BENCH_STEP=0               skip the training step      BENCH_DEVICE=cpu|cuda
+    BENCH_DTYPES=float32,bfloat16   default: both on a GPU with native bfloat16, else float32
+    BENCH_PASSES=forward,forward+backward   default: forward+backward
+    BENCH_SWEEPS=n,batch       which sweeps (default both; "none" for neither)
+    BENCH_N_VALUES=1,2,4,8,16  BENCH_N_BATCH=b  the N sweep's values and batch
+    BENCH_SWEEP_BATCHES=a,b    the batch sweep's values (both shapes)
+    BENCH_STEP=0               skip the training step     BENCH_DEVICE=cpu|cuda
     BENCH_MEMORY_SNAPSHOT=dir  CUDA memory snapshots of the reference and fused paths
-    BENCH_DEADLINE_S=s         start no new measurement after s seconds (rest: "skipped")
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
-import traceback
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import memory, models, paths, report, shapes, steps, timing
+from norm_fast import dispatch
+
+from . import memory, models, paths, plan, report, shapes, steps, sweeps, timing
+from .measure import measure_group, measure_training_steps
+from .progress import Progress
 
 # Compiled kernels not being built yet is expected while backends are being written;
 # what was left out, and why, is listed in the output instead.
 warnings.filterwarnings("ignore", message="norm_fast: no compiled kernels")
+
+CPU_BUDGET_S = 480.0
 
 
 def _env_list(name: str) -> List[str]:
     return [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
 
 
+def _env_ints(name: str) -> List[int]:
+    try:
+        return [int(v) for v in _env_list(name)]
+    except ValueError:
+        raise SystemExit(f"{name}: expected comma-separated integers, got "
+                         f"{os.environ.get(name)!r}")
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name}: expected a number of seconds, got {raw!r}")
 
 
 def device_name(device: torch.device) -> str:
@@ -83,11 +116,25 @@ def device_slug(device: torch.device) -> str:
     return slug or device.type
 
 
+def default_out_dir(device: torch.device) -> str:
+    """benchmarks/results/<device>/<date-time>/: new for every run, never an old one."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                        device_slug(device))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, k = os.path.join(root, stamp), 1
+    while os.path.exists(out):
+        k += 1
+        out = os.path.join(root, f"{stamp}-{k}")
+    return out
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--full", action="store_true", default=_env_flag("BENCH_FULL"),
-                   help="real batch sizes (default on CUDA)")
+                   help="paper batches everywhere, no time budget")
     p.add_argument("--quick", action="store_true", default=_env_flag("BENCH_QUICK"))
+    p.add_argument("--plan", action="store_true",
+                   help="print the batches and estimated times, measure nothing")
     p.add_argument("--out", default=os.environ.get("BENCH_OUT", ""))
     p.add_argument("--memory-snapshot", default=os.environ.get("BENCH_MEMORY_SNAPSHOT", ""),
                    metavar="DIR")
@@ -95,208 +142,144 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-class Progress:
-    """A one-line-per-item text progress bar on stderr (no dependency)."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.start = max(1, total), 0, time.time()
-
-    def note(self, text: str) -> None:
-        """A line without advancing the bar (warm-up and memory, before the timed rounds)."""
-        print(f"{' ' * 26}{' ' * 9}{time.time() - self.start:6.0f}s    {text}", file=sys.stderr,
-              flush=True)
-
-    def item(self, label: str, result: str) -> None:
-        self.done += 1
-        frac = self.done / self.total
-        bar = "#" * int(24 * frac) + "-" * (24 - int(24 * frac))
-        elapsed = time.time() - self.start
-        print(f"[{bar}] {self.done:>3}/{self.total} {elapsed:6.0f}s  {label}: {result}",
-              file=sys.stderr, flush=True)
-
-
-def _error_text(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {msg[0] if msg else ''}"[:300]
-
-
-def base_record(path: paths.PathSpec, shape: shapes.Shape, dtype_name: str,
-                device: torch.device) -> dict:
-    rec = {"shape": shape.name, "path": path.name, "requested_backend": path.backend,
-           "requested_algorithm": path.algorithm, "dtype": dtype_name, "batch": shape.batch,
-           "student_channels": shape.student_channels,
-           "teacher_channels": shape.teacher_channels, "height": shape.height,
-           "width": shape.width, "n": shape.n, "device": device.type, "compiled": path.compiled,
-           "memory_method": memory.method(device), "time_ms": None, "peak_mem_bytes": None}
+def _git_describe() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        rec["backend"], rec["algorithm"] = paths.resolved(path, shape, device.type)
-    except Exception as exc:
-        rec["backend"], rec["algorithm"] = path.backend, path.algorithm
-        rec["status"], rec["error"] = "failed", _error_text(exc)
-    return rec
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                             capture_output=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, text=True, capture_output=True,
+                               timeout=10).stdout.strip()
+        return (rev + (" (with uncommitted changes)" if dirty else "")) if rev else "unknown"
+    except Exception:
+        return "unknown"
 
 
-def _result_text(rec: dict) -> str:
-    if rec.get("same_as"):
-        return f"same computation as {rec['same_as']} here (not timed twice)"
-    if rec.get("status") == "ok":
-        return (f"{report.fmt_ms(rec['time_ms'])} ms (IQR {report.fmt_ms(rec.get('time_iqr_ms'))})"
-                f", {report.fmt_bytes(rec['peak_mem_bytes'])}")
-    return f"{rec.get('status')}: {rec.get('error')}"
+class Job:
+    """One measurement group: paths at one shape (a headline shape or a sweep point)."""
+
+    def __init__(self, group: List[paths.PathSpec], shape: shapes.Shape, dtype: str,
+                 passes: List[str], extra: dict):
+        self.group, self.shape, self.dtype, self.passes, self.extra = (group, shape, dtype,
+                                                                       passes, extra)
+
+    @property
+    def is_sweep(self) -> bool:
+        return bool(self.extra.get("sweep"))
 
 
-def measure_shape(group: List[paths.PathSpec], shape: shapes.Shape, dtype_name: str,
-                  pass_names: List[str], device: torch.device, policy: timing.Policy,
-                  snapshot_dir: str, progress: Progress, deadline: float) -> List[dict]:
-    """Records of every path in `group` at one (shape, dtype), for each pass.
+def plan_runs(args, device, policy, path_list, dtype_names, pass_names, budget, cap, info
+              ) -> Tuple[List[Job], List[Job]]:
+    """(eager jobs, compiled jobs) with the batches fitted to the budget (plan.py)."""
+    eager = [p for p in path_list if not p.compiled]
+    compiled = [p for p in path_list if p.compiled]
+    est = plan.Estimator(device, policy)
+    fixed_batch = int(os.environ["BENCH_BATCH"]) if os.environ.get("BENCH_BATCH") else None
+    fit = not args.full and budget != float("inf")
+    headline = shapes.select(_env_list("BENCH_SHAPES"))
+    if fixed_batch is not None:
+        choices = {s.name: plan.BatchChoice(fixed_batch, s.paper_batch, "BENCH_BATCH")
+                   for s in headline}
+    elif not fit and cap == float("inf"):
+        choices = {s.name: plan.BatchChoice(s.paper_batch, s.paper_batch, "paper batch")
+                   for s in headline}
+    else:
+        print("probing each shape once (literal and decomposed at a small batch) to fit the "
+              "batches to the budget ...", file=sys.stderr, flush=True)
+        n_dt = len(dtype_names)
+        choices = plan.choose_batches(
+            headline, lambda s: n_dt * est.group_s(path_list, s, pass_names), est,
+            budget * plan.SHARES["headline"] if fit else float("inf"), cap)
+    info["batches"] = {name: c.reason for name, c in choices.items()}
 
-    Per pass: each path is built (once for all passes), warmed up and its peak memory
-    measured alone; then the timed rounds of all paths are interleaved
-    (`timing.time_interleaved`). A failure (compile error, missing kernel, out of memory)
-    is recorded in the path's records, never raised.
-    """
-    dtype = steps.DTYPES[dtype_name]
-    bases = {p.name: base_record(p, shape, dtype_name, device) for p in group}
-    failures: Dict[str, Optional[str]] = {p.name: bases[p.name].get("error") for p in group}
-    built: Dict[str, tuple] = {}
-    out: List[dict] = []
-    twins = {}
-    for p in group:
-        try:
-            t = paths.twin(p, group, shape, device.type)
-        except Exception:
-            t = None
-        if t is not None:
-            twins[p.name] = t.name
-    for pass_ in pass_names:
-        recs = {p.name: dict(bases[p.name], **{"pass": pass_}) for p in group}
-        live = []                                    # (path, step, warm seconds)
-        for p in group:
-            rec = recs[p.name]
-            if p.name in twins:
-                continue                             # filled in from its twin below
-            if time.time() > deadline:
-                rec.update(status="skipped", error="time budget (BENCH_DEADLINE_S) spent")
-                continue
-            if failures[p.name]:
-                rec.update(status="failed", error=failures[p.name])
-                continue
-            try:
-                if p.name not in built:
-                    built[p.name] = paths.build_module(p, shape, device)
-                call, module = built[p.name]
-                step = steps.make_step(call, module, shape, device, dtype, pass_)
-                if p.compiled and "compile_s" not in bases[p.name]:
-                    t0 = time.perf_counter()
-                    step()                       # compiles (forward graph; backward lazily)
-                    bases[p.name]["compile_s"] = rec["compile_s"] = time.perf_counter() - t0
-                warm = timing.warm_up(step, policy)
-                rec["peak_mem_bytes"] = memory.peak_step_bytes(step, device)
-                if snapshot_dir and device.type == "cuda" and (p.name == "reference"
-                                                               or p.is_fused_kernel):
-                    fname = f"{shape.name}_{p.name}_{dtype_name}_{pass_.replace('+', '-')}.pickle"
-                    ok, msg = memory.save_cuda_snapshot(step, device,
-                                                        os.path.join(snapshot_dir, fname))
-                    rec["memory_snapshot" if ok else "memory_snapshot_error"] = msg
-                live.append((p, step, warm))
-                progress.note(f"{dtype_name} {shape.name} {p.name} {pass_}: warm "
-                              f"{report.fmt_ms(1e3 * warm)} ms, peak "
-                              f"{report.fmt_bytes(rec['peak_mem_bytes'])}")
-            except Exception as exc:
-                failures[p.name] = _error_text(exc)
-                rec.update(status="failed", error=failures[p.name],
-                           traceback=traceback.format_exc(limit=4))
-        if live:
-            rounds = timing.interleaved_rounds([w for _, _, w in live], policy)
-            timings, errors = timing.time_interleaved([s for _, s, _ in live], rounds)
-            for (p, _, _), t, err in zip(live, timings, errors):
-                rec = recs[p.name]
-                if err is not None:
-                    failures[p.name] = _error_text(err)
-                    rec.update(status="failed", error=failures[p.name])
-                else:
-                    rec.update(t.as_dict(), status="ok", interleaved_with=len(live))
-        for name, twin_name in twins.items():
-            twin_rec = recs[twin_name]
-            copied = {k: v for k, v in twin_rec.items() if k.startswith("time_") or k in (
-                "rounds", "peak_mem_bytes", "status", "error", "interleaved_with")}
-            recs[name].update(copied, same_as=twin_name)
-        for p in group:
-            out.append(recs[p.name])
-            progress.item(f"{dtype_name} {shape.name} {p.name} {pass_}", _result_text(recs[p.name]))
-        del live
-    del built
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    eager_jobs: List[Job] = []
+    compiled_jobs: List[Job] = []
+    for dtype in dtype_names:
+        for s in headline:
+            c = choices[s.name]
+            shape = s.at(batch=c.batch)
+            extra = {"batch_choice": c.reason}
+            if eager:
+                eager_jobs.append(Job(eager, shape, dtype, pass_names, extra))
+            if compiled:
+                compiled_jobs.append(Job(compiled, shape, dtype, pass_names, extra))
 
-
-def measure_training_steps(norm_paths: List[Optional[paths.PathSpec]],
-                           config: models.StepConfig, dtype_name: str, device: torch.device,
-                           policy: timing.Policy, progress: Progress,
-                           deadline: float) -> List[dict]:
-    """One record per NORM path (None: the plain student) for the ResNet18 training step.
-    Warm-up and memory per model, then the timed rounds of all models interleaved."""
-    s = models.Student.last_stage_size(config.image_size)
-    nshape = shapes.Shape("resnet18-last-stage", config.batch, models.Student.LAST_CHANNELS,
-                          models.Student.LAST_CHANNELS, s, s)
-    step_policy = timing.for_training_step(policy)
-    recs, live = [], []                              # live: (record, step, warm seconds)
-    for norm_path in norm_paths:
-        rec = {"path": norm_path.name if norm_path else "none", "dtype": dtype_name,
-               "batch": config.batch, "image_size": config.image_size,
-               "config": config.describe(), "memory_method": memory.method(device),
-               "time_ms": None, "peak_mem_bytes": None, "backend": None, "algorithm": None}
-        recs.append(rec)
-        if time.time() > deadline:
-            rec.update(status="skipped", error="time budget (BENCH_DEADLINE_S) spent")
-            continue
-        try:
-            norm = None
-            if norm_path is not None:
-                rec["backend"], rec["algorithm"] = paths.resolved(norm_path, nshape, device.type)
-                norm, _ = paths.build_module(norm_path, nshape, device)
-            step = models.make_train_step(norm, config, device, steps.DTYPES[dtype_name])
-            warm = timing.warm_up(step, step_policy)
-            rec["peak_mem_bytes"] = memory.peak_step_bytes(step, device)
-            live.append((rec, step, warm))
-            progress.note(f"{dtype_name} training step, NORM: {rec['path']}: warm "
-                          f"{report.fmt_ms(1e3 * warm)} ms, peak "
-                          f"{report.fmt_bytes(rec['peak_mem_bytes'])}")
-        except Exception as exc:
-            rec.update(status="failed", error=_error_text(exc))
-    if live:
-        rounds = timing.interleaved_rounds([w for _, _, w in live], step_policy)
-        timings, errors = timing.time_interleaved([st for _, st, _ in live], rounds)
-        for (rec, _, _), t, err in zip(live, timings, errors):
-            if err is not None:
-                rec.update(status="failed", error=_error_text(err))
-            else:
-                rec.update(t.as_dict(), status="ok", interleaved_with=len(live))
-    for rec in recs:
-        progress.item(f"{dtype_name} training step, NORM: {rec['path']}",
-                      f"{report.fmt_ms(rec['time_ms'])} ms" if rec.get("status") == "ok"
-                      else f"{rec.get('status')}: {rec.get('error')}")
-    del live
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return recs
+    wanted = _env_list("BENCH_SWEEPS") or ["n", "batch"]
+    sweep_pass = ["forward+backward"]
+    if "n" in wanted:
+        base = shapes.by_name(sweeps.N_SWEEP_SHAPE)
+        n_values = _env_ints("BENCH_N_VALUES") or list(sweeps.N_VALUES)
+        nb = _env_ints("BENCH_N_BATCH") or ([fixed_batch] if fixed_batch else [])
+        sweep_paths = path_list
+        if nb:
+            n_batch, why = nb[0], "BENCH_N_BATCH / BENCH_BATCH"
+        elif not fit and cap == float("inf"):
+            n_batch, why = base.paper_batch, "paper batch"
+        else:
+            def n_cost(_, b):
+                return sum(est.group_s(sweep_paths, base.at(batch=b, n=n), sweep_pass)
+                           for n in n_values)
+            top = base.paper_batch
+            while top // 2 >= 8 and est.literal_call_s(base.at(batch=top, n=max(n_values))) > cap:
+                top //= 2
+            n_batch = plan.shrink_to_budget({"n": top}, {"n": min(8, top)}, n_cost,
+                                            budget * plan.SHARES["n"] if fit else float("inf"))["n"]
+            why = (f"{est.describe(base.at(batch=n_batch, n=max(n_values)))}; the largest "
+                   f"halving of {base.paper_batch} whose sweep fits its share of the budget"
+                   f" ({budget * plan.SHARES['n']:.0f} s)" if fit else "call cap")
+        info["batches"]["N sweep"] = f"B={n_batch}: {why}"
+        for n in n_values:
+            shape = base.at(batch=n_batch, n=n)
+            extra = {"sweep": "n", "batch_scaled": n_batch != base.paper_batch,
+                     "batch_choice": why}
+            g = [p for p in sweep_paths if not p.compiled]
+            eager_jobs.append(Job(g, shape, "float32", sweep_pass, extra))
+            if compiled:
+                compiled_jobs.append(Job(compiled, shape, "float32", sweep_pass, extra))
+    if "batch" in wanted:
+        backend = dispatch.resolve_backend("auto", device.type)
+        keep = ("reference", "norm_fast-auto", f"norm_fast-{backend}-direct",
+                f"norm_fast-{backend}-decomposed")
+        g = [p for p in eager if p.name in keep]
+        given = _env_ints("BENCH_SWEEP_BATCHES")
+        for name, values in sweeps.BATCH_SWEEPS.items():
+            base = shapes.by_name(name)
+            vals = list(given or values)
+            if fit and not given:
+                share = budget * plan.SHARES["batch"] / len(sweeps.BATCH_SWEEPS)
+                while len(vals) > 3 and sum(est.group_s(g, base.at(batch=b), sweep_pass)
+                                            for b in vals) > share:
+                    vals.pop()
+            info["batches"][f"batch sweep {name}"] = f"B in {vals}"
+            for b in vals:
+                eager_jobs.append(Job(g, base.at(batch=b), "float32", sweep_pass,
+                                      {"sweep": "batch", "batch_scaled": False}))
+    info["probe_s"] = round(est.probe_s, 1)
+    if args.plan:
+        total = 0.0
+        for j in eager_jobs + compiled_jobs:
+            t = est.group_s(j.group, j.shape, j.passes)
+            total += t
+            print(f"  {j.extra.get('sweep') or 'headline':8s} {j.dtype} {j.shape.describe():36s}"
+                  f" {', '.join(p.name for p in j.group)}: about {t:.0f} s", file=sys.stderr)
+        print(f"  total about {total:.0f} s (+ the training step); probes took "
+              f"{est.probe_s:.0f} s", file=sys.stderr)
+    return eager_jobs, compiled_jobs
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     start = time.time()
-    deadline = start + float(os.environ.get("BENCH_DEADLINE_S", "inf"))
     device = steps.pick_device(args.device)
     torch.manual_seed(0)
     policy = timing.policy_for(device.type, args.quick)
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       device_slug(device))
+    budget = _env_float("BENCH_BUDGET_S", CPU_BUDGET_S if device.type == "cpu" else float("inf"))
+    cap = _env_float("BENCH_CALL_CAP_S", 60.0)
+    if args.full:
+        budget, cap = float("inf"), float("inf")
+    deadline = start + _env_float("BENCH_DEADLINE_S", budget + 40.0)
+    out_dir = args.out or default_out_dir(device)
     bf16_ok, bf16_why = steps.bf16_supported(device)
-    # The quick default: both dtypes on a GPU, float32 alone on CPU (where bfloat16 doubles
-    # the run for little news: norm_fast's small algebra runs in float32 either way).
     default_dtypes = ["float32", "bfloat16"] if (bf16_ok and device.type == "cuda") else ["float32"]
     dtype_names = _env_list("BENCH_DTYPES") or default_dtypes
     for d in dtype_names:
@@ -306,93 +289,106 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "bfloat16" in dtype_names and not bf16_ok:
         dtype_names.remove("bfloat16")
         skipped_paths.append(("bfloat16", bf16_why))
-    pass_names = _env_list("BENCH_PASSES") or list(steps.PASSES)
-    batch = int(os.environ["BENCH_BATCH"]) if os.environ.get("BENCH_BATCH") else None
-    shape_list = [shapes.scaled(s, device.type, args.full, batch)
-                  for s in shapes.select(_env_list("BENCH_SHAPES"))]
+    pass_names = _env_list("BENCH_PASSES") or ["forward+backward"]
+    for p in pass_names:
+        if p not in steps.PASSES:
+            raise SystemExit(f"BENCH_PASSES: unknown pass {p!r}; known: {list(steps.PASSES)}")
     all_paths, skipped = paths.discover(device.type)
     skipped_paths += skipped
     path_list = paths.filter_paths(all_paths, _env_list("BENCH_PATHS"), _env_list("BENCH_SKIP"))
     skipped_paths += [(p.name, "left out by BENCH_PATHS / BENCH_SKIP")
                       for p in all_paths if p not in path_list]
-    eager = [p for p in path_list if not p.compiled]
-    compiled = [p for p in path_list if p.compiled]
     run_step = os.environ.get("BENCH_STEP", "1").strip() not in ("0", "false", "no", "off")
     step_config = (models.QUICK_STEP if args.quick else
                    models.GPU_STEP if (device.type == "cuda" or args.full) else models.CPU_STEP)
-    step_paths = [None] + [p for p in eager]
-    total = (len(dtype_names) * len(shape_list) * len(path_list) * len(pass_names)
-             + (len(dtype_names) * len(step_paths) if run_step else 0))
+    step_paths = [None] + [p for p in path_list if not p.compiled]
 
-    full_real = args.full or device.type != "cpu"
     info = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["python -m benchmarks.run"]
                             + (argv if argv is not None else sys.argv[1:])),
         "env_knobs": {k: v for k, v in os.environ.items() if k.startswith("BENCH_")},
+        "git": _git_describe(), "out_dir": out_dir,
         "torch": torch.__version__, "device": device.type, "device_name": device_name(device),
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "scaling": ("real batch sizes" if full_real and batch is None else
-                    f"batch overridden to {batch}" if batch is not None else shapes.SCALING_NOTE),
-        "shapes": {s.name: s.describe() for s in shape_list},
+        "budget": (f"{budget:.0f} s (batches fitted to it: benchmarks/plan.py), per literal "
+                   f"call at most {cap:.0f} s" if budget != float("inf") else
+                   "none" + (f"; per literal call at most {cap:.0f} s"
+                             if cap != float("inf") else "")),
         "memory_method": memory.method(device),
         "memory_method_short": ("cuda max_memory_allocated minus inputs" if device.type == "cuda"
                                 else "cpu allocator events (torch.profiler), minus inputs"),
-        "timing_method": (f"wall clock per call after device sync; per path a warm-up (>= "
-                          f"{policy.min_calls} call(s) and {policy.min_seconds}s) and one "
-                          f"memory-measuring call, then {policy.min_rounds}-"
+        "timing_method": (f"wall clock per call after device sync, and process CPU time; per "
+                          f"path one memory-measuring call (also the first warm-up), warm-up "
+                          f"up to {policy.min_seconds}s, then {policy.min_rounds}-"
                           f"{policy.max_rounds} timed rounds (about {policy.budget_s}s per "
                           "path) interleaved round-robin across the paths of a shape; median "
-                          "and interquartile range; the compiled reference runs after all "
-                          "eager paths"),
+                          "and interquartile range (noisy: IQR > 20% of the median); the "
+                          "compiled literal runs after all eager paths"),
+        "model_method": ("dispatch.cost_model multiply-adds of the algorithm that ran; one "
+                         "rate per path and sweep, the geometric mean of MACs / measured "
+                         "seconds over its points (benchmarks/sweeps.py)"),
         "paths": [p.name for p in path_list], "skipped_paths": skipped_paths,
         "dtypes": dtype_names, "passes": pass_names, "quick": args.quick,
         "step_config": step_config.describe() if run_step else None,
         "load_average": "%.2f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "tf32": _tf32_settings() if device.type == "cuda" else None,
     }
-    print(f"norm_fast benchmarks on {info['device_name']} (torch {torch.__version__}); "
-          f"{len(shape_list)} shapes ({info['scaling']}), paths: {', '.join(info['paths'])}; "
-          f"dtypes: {', '.join(dtype_names)}; output: {out_dir}", file=sys.stderr, flush=True)
+    print(f"norm_fast benchmarks on {info['device_name']} (torch {torch.__version__}, "
+          f"{info['threads'] or device.type} threads); paths: {', '.join(info['paths'])}; "
+          f"dtypes: {', '.join(dtype_names)}; budget: {info['budget']}; output: {out_dir}",
+          file=sys.stderr, flush=True)
     for name, why in skipped_paths:
         print(f"  not run: {name}: {why}", file=sys.stderr)
 
-    records: List[dict] = []
-    step_records: List[dict] = []
+    eager_jobs, compiled_jobs = plan_runs(args, device, policy, path_list, dtype_names,
+                                          pass_names, budget, cap, info)
+    for what, why in info["batches"].items():
+        print(f"  batch, {what}: {why}", file=sys.stderr)
+    if args.plan:
+        return 0
+    total = (sum(len(j.group) * len(j.passes) for j in eager_jobs + compiled_jobs)
+             + (len(dtype_names) * len(step_paths) if run_step else 0))
     progress = Progress(total)
+    records: List[dict] = []
+    sweep_rows: List[dict] = []
+    step_records: List[dict] = []
 
     def on_term(signum, frame):  # `timeout` sends SIGTERM: still write what was measured
         raise KeyboardInterrupt(f"signal {signum}")
     signal.signal(signal.SIGTERM, on_term)
     interrupted = None
     try:
-        # Eager paths first, compiled ones last: nothing eager runs after inductor's kernels.
-        for group in (eager, compiled):
-            for dtype_name in dtype_names:
-                for shape in shape_list:
-                    if not group:
-                        continue
-                    records += measure_shape(group, shape, dtype_name, pass_names, device,
-                                             policy, args.memory_snapshot, progress, deadline)
-                    report.write_all(out_dir, _ordered(records, path_list), step_records,
-                                     info, final=False)
-            if group is eager and run_step:
+        for jobs in (eager_jobs, compiled_jobs):
+            for job in jobs:
+                recs = measure_group(job.group, job.shape, job.dtype, job.passes, device,
+                                     policy, progress, deadline, args.memory_snapshot,
+                                     job.extra)
+                (sweep_rows if job.is_sweep else records).extend(recs)
+                report.write_all(out_dir, records, step_records, info, final=False,
+                                 sweeps=sweep_rows)
+            if jobs is eager_jobs and run_step:
                 for dtype_name in dtype_names:
                     step_records += measure_training_steps(step_paths, step_config, dtype_name,
                                                            device, policy, progress, deadline)
     except KeyboardInterrupt as exc:
         interrupted = str(exc) or "interrupted"
-        print(f"\ninterrupted ({interrupted}): writing what was measured", file=sys.stderr)
+        progress.write(f"\ninterrupted ({interrupted}): writing what was measured")
+    progress.close()
     records = _ordered(records, path_list)
-    report.add_ratios(records)
+    sweep_rows = _ordered(sweep_rows, path_list)
+    report.add_ratios(records + sweep_rows)
+    sweeps.add_model(sweep_rows)
     report.add_step_shares(step_records)
     info["wall_s"] = round(time.time() - start, 1)
     info["load_average"] = f"{info['load_average']} / {os.getloadavg()[0]:.2f}"
     if interrupted:
         info["interrupted"] = interrupted
-    written = report.write_all(out_dir, records, step_records, info, final=True)
-    print(report.render_text(records, step_records, info))
-    print(f"\nwrote {', '.join(written)} in {info['wall_s']} s", file=sys.stderr)
+    written = report.write_all(out_dir, records, step_records, info, final=True,
+                               sweeps=sweep_rows)
+    print(report.render_text(records, step_records, info, sweep_rows))
+    print(f"\nwrote {', '.join(os.path.basename(w) for w in written)} into {out_dir} "
+          f"in {info['wall_s']} s", file=sys.stderr)
     return 1 if interrupted else 0
 
 
@@ -406,15 +402,18 @@ def _tf32_settings() -> str:
 
 
 def _ordered(records: List[dict], path_list: List[paths.PathSpec]) -> List[dict]:
-    """Records sorted by dtype, pass, shape (the run's order) and path (the discovery order)."""
+    """Records sorted by sweep, dtype, pass, shape (the run's order), swept value and path
+    (the discovery order)."""
     rank = {p.name: i for i, p in enumerate(path_list)}
-    firsts: dict = {}
+    firsts: Dict = {}
     for r in records:
-        for k in ("dtype", "shape"):
-            firsts.setdefault((k, r[k]), len(firsts))
+        for k in ("sweep", "dtype", "shape"):
+            firsts.setdefault((k, r.get(k)), len(firsts))
+
     def key(r: dict):
         pass_rank = steps.PASSES.index(r["pass"]) if r["pass"] in steps.PASSES else 9
-        return (firsts[("dtype", r["dtype"])], pass_rank, firsts[("shape", r["shape"])],
+        return (firsts[("sweep", r.get("sweep"))], firsts[("dtype", r["dtype"])], pass_rank,
+                firsts[("shape", r["shape"])], r.get("n") or 0, r["batch"],
                 rank.get(r["path"], 99))
     return sorted(records, key=key)
 

@@ -1,21 +1,26 @@
 """The teacher->student feature shapes of the NORM paper's experiments, and their CPU scaling.
 
 Each shape is the student's last feature map against the teacher's, at the batch size the
-method trains with: C_t is the teacher's channels, C_s the student's, N = 8, BatchNorm on.
+method trains with (the "paper batch": 256 for the ImageNet pairs, 64 for the CIFAR
+pairs): C_t is the teacher's channels, C_s the student's, N = 8, BatchNorm on.
 
-CPU scaling (`scaled`): a 2-core CPU cannot run the real batches in a benchmark suite, so
+`make bench` (benchmarks/run.py) starts from the paper batch and lowers it only where its
+time budget demands (benchmarks/plan.py). The pytest-benchmark suite scales statically
+(`scaled`): a 2-core CPU cannot run the real batches in a benchmark suite, so
 on CPU every batch is divided by `CPU_BATCH_DIVISOR` (8), then halved again while the
 literal reference's forward still exceeds `CPU_MAX_MACS` multiply-adds (N*C_t*C_s*B*H*W
 > 2^32), never below 2: resnet34-resnet18 256 -> 32, resnet50-mobilenet 256 -> 4, the
 CIFAR pairs 64 -> 8. Channels, spatial size and N stay as they are. `full=True`
 (`--full`, `BENCH_FULL=1`) keeps the real batch sizes; that is the default on CUDA.
-Note that the P-independent part of norm_fast's algebra (N*C_t*C_s^2, DESIGN.md s.5)
+Note that the P-independent part of norm_fast's algebra (N*C_t*C_s^2, docs/design.md s.5)
 does not shrink with the batch: at small batches it dominates, as it would in training.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Iterable, List, Optional, Tuple
+
+PAPER_BATCH = {"imagenet": 256, "cifar": 64}
 
 CPU_BATCH_DIVISOR = 8
 CPU_MAX_MACS = 2**32
@@ -30,6 +35,16 @@ class Shape:
     height: int
     width: int
     n: int = 8
+    family: str = ""      # "imagenet" or "cifar": which paper batch applies
+
+    @property
+    def paper_batch(self) -> int:
+        return PAPER_BATCH.get(self.family, self.batch)
+
+    def at(self, batch: Optional[int] = None, n: Optional[int] = None) -> "Shape":
+        """The same teacher->student pair at another batch size and/or N."""
+        return replace(self, batch=int(self.batch if batch is None else batch),
+                       n=int(self.n if n is None else n))
 
     @property
     def positions(self) -> int:
@@ -47,12 +62,12 @@ class Shape:
 
 
 SHAPES: Tuple[Shape, ...] = (
-    Shape("resnet34-resnet18", 256, 512, 512, 7, 7),
-    Shape("resnet50-mobilenet", 256, 2048, 1024, 7, 7),
-    Shape("resnet32x4-resnet8x4", 64, 256, 256, 8, 8),
-    Shape("wrn40_2-wrn16_2", 64, 128, 128, 8, 8),
-    Shape("vgg13-vgg8", 64, 512, 512, 4, 4),
-    Shape("resnet50-mobilenetv2", 64, 2048, 1280, 2, 2),
+    Shape("resnet34-resnet18", 256, 512, 512, 7, 7, family="imagenet"),
+    Shape("resnet50-mobilenet", 256, 2048, 1024, 7, 7, family="imagenet"),
+    Shape("resnet32x4-resnet8x4", 64, 256, 256, 8, 8, family="cifar"),
+    Shape("wrn40_2-wrn16_2", 64, 128, 128, 8, 8, family="cifar"),
+    Shape("vgg13-vgg8", 64, 512, 512, 4, 4, family="cifar"),
+    Shape("resnet50-mobilenetv2", 64, 2048, 1280, 2, 2, family="cifar"),
 )
 SHAPE_NAMES = tuple(s.name for s in SHAPES)
 
@@ -86,3 +101,7 @@ def select(names: Optional[Iterable[str]]) -> List[Shape]:
     if unknown:
         raise ValueError(f"unknown shape(s) {unknown}; known: {list(SHAPE_NAMES)}")
     return [s for s in SHAPES if s.name in names]
+
+
+def by_name(name: str) -> Shape:
+    return select([name])[0]

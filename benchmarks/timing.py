@@ -8,6 +8,10 @@ follows from the warm step time and a time budget, clamped to [min_rounds, max_r
 `time_interleaved` times several steps round-robin (round r calls each once, the order
 rotated by r), so a change in machine load during the rounds hits every step alike: the
 ratios between them stay honest on a shared machine.
+
+Every timed call also records the process CPU time it took (`time.process_time`: all
+threads of this process), the steadier measure on a shared CPU; a timing whose
+interquartile range exceeds `NOISY_IQR` of its median is flagged `noisy`.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
+
+NOISY_IQR = 0.2   # flag a timing whose interquartile range exceeds 20% of its median
 
 
 @dataclass(frozen=True)
@@ -72,9 +78,19 @@ def rounds_for(step_seconds: float, policy: Policy) -> int:
     return int(min(policy.max_rounds, max(policy.min_rounds, policy.budget_s // step_seconds)))
 
 
+def estimate_seconds(call_s: float, policy: "Policy", profiled: float = 1.5) -> float:
+    """Wall time one path's measurement takes when one call takes `call_s`: the memory
+    call (under the profiler: `profiled` times slower), the warm-up up to
+    `policy.min_seconds`, then the timed rounds (`interleaved_rounds`). For planning."""
+    warm = max(0.0, policy.min_seconds - profiled * call_s) if call_s < policy.min_seconds else 0.0
+    rounds = max(policy.min_rounds, min(policy.max_rounds, int(policy.budget_s // max(call_s, 1e-9))))
+    return profiled * call_s + warm + rounds * call_s
+
+
 @dataclass
 class Timing:
     seconds: List[float] = field(default_factory=list)
+    cpu_seconds: List[float] = field(default_factory=list)
 
     def _ms(self) -> List[float]:
         return sorted(1e3 * s for s in self.seconds)
@@ -107,10 +123,19 @@ class Timing:
     def max_ms(self) -> float:
         return self._ms()[-1]
 
+    @property
+    def cpu_median_ms(self) -> Optional[float]:
+        return statistics.median(1e3 * s for s in self.cpu_seconds) if self.cpu_seconds else None
+
+    @property
+    def noisy(self) -> bool:
+        return self.iqr_ms > NOISY_IQR * self.median_ms
+
     def as_dict(self) -> dict:
         return {"time_ms": self.median_ms, "time_iqr_ms": self.iqr_ms,
                 "time_q1_ms": self.q1_ms, "time_q3_ms": self.q3_ms,
-                "time_min_ms": self.min_ms, "time_max_ms": self.max_ms, "rounds": self.rounds}
+                "time_min_ms": self.min_ms, "time_max_ms": self.max_ms, "rounds": self.rounds,
+                "time_cpu_ms": self.cpu_median_ms, "noisy": self.noisy}
 
 
 def _quantile(sorted_values: List[float], q: float) -> float:
@@ -127,17 +152,21 @@ def time_rounds(step: Callable[[], object], rounds: int) -> Timing:
     """Time `rounds` calls one by one (after warm-up)."""
     timing = Timing()
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        step()
-        timing.seconds.append(time.perf_counter() - t0)
+        _timed_call(step, timing)
     return timing
+
+
+def _timed_call(step: Callable[[], object], timing: Timing) -> None:
+    c0, t0 = time.process_time(), time.perf_counter()
+    step()
+    timing.seconds.append(time.perf_counter() - t0)
+    timing.cpu_seconds.append(time.process_time() - c0)
 
 
 def measure(step: Callable[[], object], policy: Policy = STANDARD) -> Timing:
     """Warm up, then time `rounds_for(...)` calls one by one."""
     warm = warm_up(step, policy)
     return time_rounds(step, rounds_for(warm, policy))
-
 
 
 def interleaved_rounds(warm_seconds: Sequence[float], policy: Policy) -> int:
@@ -162,9 +191,7 @@ def time_interleaved(step_list: Sequence[Callable[[], object]], rounds: int
             if errors[i] is not None:
                 continue
             try:
-                t0 = time.perf_counter()
-                step_list[i]()
-                timings[i].seconds.append(time.perf_counter() - t0)
+                _timed_call(step_list[i], timings[i])
             except Exception as exc:  # recorded by the caller as a failed path
                 errors[i] = exc
     return timings, errors
