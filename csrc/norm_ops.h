@@ -13,7 +13,7 @@
 // Only the passes (pass_kernels.h) differ between devices.  Chunks are sized to the
 // device's cache target (CPU: the buffers stay in cache between the GEMM and its
 // epilogue) and, for the recomputed error of the direct algorithm, to `chunk_bytes`,
-// so nothing of size n*C_t*P is ever allocated (DESIGN.md section 5).
+// so nothing of size n*C_t*P is ever allocated (docs/design.md section 5).
 // Chunks run in sequence; each pass is parallel inside (CPU: at::parallel_for over
 // channels, GPU: a grid) and so is each GEMM (multithreaded BLAS, cuBLAS).  Measured
 // on the CPU, this beat running whole chunks concurrently (one per thread, serial
@@ -77,7 +77,7 @@ inline int64_t chunk_positions(const PassKernels& k, int64_t P, int64_t bytes_pe
 
 // The most positions whose recomputed error (rows per position, `item` bytes each) the
 // direct path may hold at once: what chunk_bytes allows, and never all P of them -- an
-// n*C_t*P block is what this algorithm exists to avoid (DESIGN.md section 5), even
+// n*C_t*P block is what this algorithm exists to avoid (docs/design.md section 5), even
 // when it would fit.
 inline int64_t direct_limit(int64_t P, int64_t rows, int64_t item, int64_t chunk_bytes) {
   const int64_t by_bytes = chunk_bytes / std::max<int64_t>(1, rows * item);

@@ -48,7 +48,7 @@ struct PassKernels {
 
   // error_sq (forward): with out = a @ xc (n*C_t, K) from the GEMM, the error of
   // segment i is E[i*C_t + o, k] = out[i*C_t + o, k] + bias[i*C_t + o] - t[b, o, l]
-  // (DESIGN.md section 4).  sq_acc (n*C_t) += sum_k E^2; err (B, C_t, L) contiguous,
+  // (docs/design.md section 4).  sq_acc (n*C_t) += sum_k E^2; err (B, C_t, L) contiguous,
   // or undefined: err[p0:p1] = E (n == 1 only).  t is in the compute dtype.
   void (*error_sq)(const at::Tensor& out, const at::Tensor& bias, const at::Tensor& t,
                    int64_t p0, int64_t p1, int64_t n, const at::Tensor& sq_acc,

@@ -232,11 +232,7 @@ class NORM(nn.Module):
             var2, mean_uc = torch.var_mean(uc.to(K.dtype), dim=(0, 2, 3), correction=0)
             count = uc.shape[0] * uc.shape[2] * uc.shape[3]      # var2 >= 0: from data
             if sync is not None:
-                # uc is centred at the global mean: the global variance is the mean square
-                sq = (var2 + mean_uc.square()) * count
-                total = distributed.all_reduce_sum(torch.cat([sq, sq.new_full((1,), count)]),
-                                                   sync[0])
-                var2, count = total[:-1] / total[-1], total[-1]
+                mean_uc, var2, count = distributed.global_moments(mean_uc, var2, count, sync[0])
             gamma2, beta2 = algebra.affine_params(bn2, K.dtype)
             a2 = gamma2 * torch.rsqrt(var2 + bn2.eps)
             if st2.update:

@@ -1,4 +1,4 @@
-"""The reference training code's NORM loss-weight ramp by epoch (DESIGN.md s.1).
+"""The reference training code's NORM loss-weight ramp by epoch (docs/design.md section 1).
 
     loss = ce + norm_weight(epoch, "cifar") * norm.last_loss
 

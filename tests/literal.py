@@ -1,6 +1,6 @@
 """The float64 literal oracle, written here independently of the package.
 
-`LiteralFT` is the NORM Feature Transform exactly as DESIGN.md section 1 states it: two
+`LiteralFT` is the NORM Feature Transform exactly as docs/design.md section 1 states it: two
 1x1 convs with BatchNorm, an identity residual, and the loss
 `mse_loss(Y, f_t.repeat(1, n, 1, 1)) * n`. Its submodules carry the same names as
 `norm_fast.NORM`, so state dicts move between the two with strict=True.

@@ -328,7 +328,7 @@ class _LargestAllocation(TorchDispatchMode):
 @pytest.mark.parametrize("B", [1, 3])
 def test_direct_path_never_holds_the_expanded_error(backend, B):
     """No n*C_t*P block in the direct path, even when chunk_bytes would allow it and a
-    single batch row holds all positions (DESIGN.md section 5)."""
+    single batch row holds all positions (docs/design.md section 5)."""
     mod, device = backend
     n, C_s, C_t, L = 8, 5, 19, 49
     x, t, a, b, shift = _expand_inputs((B, C_s, C_t, L, n), "contiguous", torch.float32,

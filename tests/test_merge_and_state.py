@@ -1,4 +1,4 @@
-"""Classifier merge (DESIGN.md s.2) and state-dict compatibility with a literal FT."""
+"""Classifier merge (docs/design.md section 2) and state-dict compatibility with a literal FT."""
 from __future__ import annotations
 
 import pytest

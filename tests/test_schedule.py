@@ -1,4 +1,4 @@
-"""`norm_fast.norm_weight`: the reference NORM loss-weight ramp (DESIGN.md s.1)."""
+"""`norm_fast.norm_weight`: the reference NORM loss-weight ramp (docs/design.md section 1)."""
 from __future__ import annotations
 
 import math

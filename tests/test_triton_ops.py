@@ -355,10 +355,12 @@ def gpu_kernel_builds(dtype, precision="ieee", L=49):
                 tag = " x-resident" if resident else ""
                 yield (f"{kind} {cfg}{tag}", kernel, ptrs,
                        dict(common, X_RESIDENT=resident, **flags, **blocks), warps, stages)
+    # the moments kernel accumulates in float64 whatever the input (moments.py)
     bi, bj, bpm, _, warps_m = moments_mod._blocks(10**6, 512, False)
-    yield (f"moments {bi}x{bj}x{bpm} w{warps_m} s2", moments_mod._moments_kernel, ptrs,
-           dict(ACC=_triton_launch.tl_dtype(cdt), PREC="ieee", BLOCK_I=bi, BLOCK_J=bj,
-                BLOCK_P=bpm), warps_m, 2)
+    mptrs = dict(ptrs, s_ptr="*fp64", cov_ptr="*fp64", sum_ptr="*fp64")
+    yield (f"moments {bi}x{bj}x{bpm} w{warps_m} s2", moments_mod._moments_kernel, mptrs,
+           dict(ACC=_triton_launch.tl_dtype(torch.float64), PREC="ieee", BLOCK_I=bi,
+                BLOCK_J=bj, BLOCK_P=bpm), warps_m, 2)
 
 
 def _need_aot():

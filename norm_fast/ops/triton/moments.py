@@ -120,8 +120,8 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     module docstring);
     the per-split partials are reduced by torch (deterministic, no atomics). The
     covariance is returned exactly symmetric ((S + S^T)/2: floating-point addition is
-    commutative). Compute dtype: float64 for float64 x, else float32 (16-bit inputs are
-    widened on load and multiplied as exact float32, no TF32).
+    commutative). Accumulated in float64 for every input dtype; returned in the compute
+    dtype (float64 for float64 x, else float32). No TF32 whatever the flags say.
     """
     B, C, L = x.shape
     P = B * L
@@ -129,20 +129,24 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
         return eager.moments(x)
     cdt = compute_dtype(x.dtype)
     interpreted = tlaunch.uses_interpreter(x)
-    s = x.sum(dim=(0, 2), dtype=cdt) / P                 # the shift: the mean (see above)
+    # Accumulated in float64 whatever the input (docs/design.md section 3): the Gram sum
+    # over P positions is where a float32 covariance loses most, and on sm_90 a float64
+    # dot (DMMA) runs at the float32 FMA rate the "ieee" dot would use anyway.
+    acc = torch.float64
+    s = x.sum(dim=(0, 2), dtype=acc) / P                  # the shift: the mean
     bi, bj, bp, splits, warps = _blocks(P, C, interpreted)
     span = tlaunch.cdiv(tlaunch.cdiv(P, splits), bp) * bp
     splits = tlaunch.cdiv(P, span)
-    cov_part = torch.empty((splits, C, C), dtype=cdt, device=x.device)
-    sum_part = torch.empty((splits, C), dtype=cdt, device=x.device)
+    cov_part = torch.empty((splits, C, C), dtype=acc, device=x.device)
+    sum_part = torch.empty((splits, C), dtype=acc, device=x.device)
     grid = (tlaunch.cdiv(C, bi), tlaunch.cdiv(C, bj), splits)
     tlaunch.launch(
         _moments_kernel, grid,
         (x, s, cov_part, sum_part, L, P, C, span, *x.stride()),
-        dict(ACC=tlaunch.tl_dtype(cdt), PREC="ieee", BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bp),
+        dict(ACC=tlaunch.tl_dtype(acc), PREC="ieee", BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bp),
         x.device, num_warps=warps)
     ybar = sum_part.sum(dim=0) / P
     cov = cov_part.sum(dim=0) / P - torch.outer(ybar, ybar)
     cov = (cov + cov.transpose(0, 1)) * 0.5
-    return s + ybar, cov
+    return (s + ybar).to(cdt), cov.to(cdt)
 
