@@ -121,12 +121,20 @@ class Moments:
     scale: Optional[Tensor] = None
 
 
+def is_one(scale: Tensor) -> bool:
+    """Whether sigma is 1, asked only where the answer costs no device synchronisation
+    (a CPU tensor, outside torch.compile): then the scaling pass can be skipped."""
+    return (scale.device.type == "cpu" and not torch.compiler.is_compiling()
+            and bool(scale == 1))
+
+
 def range_scale(f_s: Tensor) -> Tensor:
     """sigma = 2^k, k = max(0, e - 50) where max |f_s| = m 2^e: 1 for every input whose
     entries stay below 2^50 (about 1e15), so ordinary inputs are not touched, and large
     enough beyond that for squares and C-term sums of f_s / sigma to stay finite in
     float32. A 0-dim tensor in the compute dtype; no host synchronisation."""
-    amax = torch.linalg.vector_norm(f_s.detach(), float("inf")).float()   # one pass
+    lo, hi = torch.aminmax(f_s.detach())                    # one pass
+    amax = torch.maximum(hi.abs(), lo.abs()).float()
     _, e = torch.frexp(amax)
     k = (e - 50).clamp_min(0)
     return torch.ldexp(torch.ones((), device=f_s.device), k)

@@ -181,22 +181,27 @@ class NORM(nn.Module):
         if not needed:
             return f_s, None
         origin = scale = None
-        if not centre and sync is None:
-            # per position (no batch mean): only the range scale, so that the covariance
-            # of the decomposed loss cannot overflow; 1 for ordinary inputs
+        if sync is None:
             scale = algebra.range_scale(f_s)
+        unscaled = scale is None or algebra.is_one(scale)
+        if not centre and not unscaled:
+            # per position (no batch mean): only the range scale, so that the covariance
+            # of the decomposed loss cannot overflow
             f_s = f_s * scale.reciprocal().to(f_s.dtype)
         if centre:
+            # The origin is only where the data is centred: every statistic is taken again
+            # about the mean of what the kernels read, so the result does not depend on
+            # it (no gradient needed) and float32 is enough.
             cdt = compute_dtype(f_s.dtype)
-            origin = f_s.mean(dim=(0, 2, 3), dtype=torch.float64).to(cdt)
-            inv = torch.ones((), dtype=cdt, device=f_s.device)
-            if sync is None:
-                scale = algebra.range_scale(f_s)
+            origin = f_s.detach().mean(dim=(0, 2, 3), dtype=cdt)
+            if unscaled:
+                centred = f_s - origin[:, None, None]
+            else:
                 inv = scale.reciprocal().to(cdt)                 # exact: a power of two
                 origin = origin * inv
-            # one pass: -origin + f_s * inv, computed in the compute dtype; 16-bit maps
-            # are stored back in their dtype so that the GEMMs reading them stay 16-bit
-            centred = torch.addcmul(-origin[:, None, None], f_s, inv)
+                # one pass: -origin + f_s * inv, in the compute dtype
+                centred = torch.addcmul(-origin[:, None, None], f_s, inv)
+            # 16-bit maps are stored back in their dtype: the GEMMs reading them stay 16-bit
             f_s = centred if centred.dtype == f_s.dtype else centred.to(f_s.dtype)
         x = f_s.flatten(2)                                       # (B, C_s, L), a view if it can be
         mean, cov = custom_ops.moments(x, backend)
@@ -229,8 +234,13 @@ class NORM(nn.Module):
                 u = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None], k.to(f_in.dtype))
                 mean_u = u.mean(dim=(0, 2, 3), dtype=torch.float64).to(u.dtype)
                 uc, k = u - mean_u[:, None, None], mean_u.to(K.dtype)
-            var2, mean_uc = torch.var_mean(uc.to(K.dtype), dim=(0, 2, 3), correction=0)
-            count = uc.shape[0] * uc.shape[2] * uc.shape[3]      # var2 >= 0: from data
+            # uc is centred, so its mean is a rounding residual and the mean square minus
+            # its square does not cancel (clamped: >= 0 by construction); two plain
+            # reductions, several times faster than var_mean over (B, H, W) on CPU
+            ucw = uc if uc.dtype == K.dtype else uc.to(K.dtype)
+            mean_uc = ucw.mean(dim=(0, 2, 3))
+            var2 = (ucw.square().mean(dim=(0, 2, 3)) - mean_uc.square()).clamp_min(0)
+            count = uc.shape[0] * uc.shape[2] * uc.shape[3]
             if sync is not None:
                 mean_uc, var2, count = distributed.global_moments(mean_uc, var2, count, sync[0])
             gamma2, beta2 = algebra.affine_params(bn2, K.dtype)

@@ -232,3 +232,16 @@ def test_integral_numbers_are_accepted():
     assert torch.isfinite(functional.norm_loss(f_s, f_t, w, np.int64(2)))
     with pytest.raises(TypeError, match="n must be a positive int, got float"):
         NORM(6, 5, np.float64(8.0))
+
+
+# --- determinism -------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend,algorithm", PATHS)
+def test_repeat_runs_are_bit_identical(backend, algorithm):
+    """Sums are reduced in a fixed order (per-program partials, no atomics): the same
+    inputs give the same bits, run after run (docs/design.md, invariants)."""
+    g = torch.Generator().manual_seed(9)
+    f_s = torch.randn(4, 12, 5, 3, generator=g).relu_()
+    f_t = torch.randn(4, 10, 5, 3, generator=g)
+    runs = [outputs(make(12, 10, 4, backend, algorithm, 0, True), f_s, f_t) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b), f"{backend}/{algorithm}"
