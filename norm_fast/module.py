@@ -221,8 +221,23 @@ class NORM(nn.Module):
         from the map's output itself (C_s x P values, computed anyway): a variance formed
         from data is non-negative and as accurate as the literal's."""
         K, k = algebra.contraction_map(W2, exp)
+        if st2 is not None and st2.batch_stats and sync is None:
+            # u = contract(Y) exactly (K (X - mean) + W2 b, C_s x P values), normalised by
+            # the same BatchNorm op the literal module calls: statistics from the data,
+            # never negative, and one fused backward.
+            u = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None], k.to(f_in.dtype))
+            u = u if u.dtype == K.dtype else u.to(K.dtype)
+            track = st2.update
+            if track:
+                bn2.num_batches_tracked.add_(1)
+            factor = st2.factor
+            if isinstance(factor, Tensor):
+                factor = float(factor)   # momentum=None: as nn.BatchNorm2d, read on the host
+            return F.batch_norm(u, bn2.running_mean if track else None,
+                                bn2.running_var if track else None, bn2.weight, bn2.bias,
+                                True, factor or 0.0, bn2.eps)
         if st2 is not None and st2.batch_stats:
-            # uc = K (X - mean): the contraction's output centred at its batch mean W2 b
+            # Synchronised statistics: uc = K (X - mean): the contraction's output centred at its batch mean W2 b
             # (docs/design.md section 3), from the centred positions, so nothing cancels
             # and a constant batch gives exactly zero, as in the literal BatchNorm.
             # (A BatchNorm'd expansion in eval mode before a training one, exp.shift None:
