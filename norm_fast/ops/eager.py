@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .spec import DEFAULT_CHUNK_BYTES, compute_dtype
+from .spec import DEFAULT_CHUNK_BYTES, check_store_error, compute_dtype
 
 
 def available() -> Tuple[bool, str]:
@@ -109,8 +109,7 @@ def expand_mse_forward(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Option
     a = a.to(cdt)
     b = b.to(cdt)
     if store_error:
-        if n != 1:
-            raise ValueError(f"store_error needs n == 1 (one residual), got n={n}")
+        check_store_error(n, store_error)
         e = _segment_error(_centred(x, shift, cdt), t, a, b, 1).view(B, C_t, L)
         return e.square().sum(), e
     sq = torch.zeros((), dtype=cdt, device=x.device)

@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 
 from torch import Tensor
 
-from .spec import DEFAULT_CHUNK_BYTES
+from .spec import DEFAULT_CHUNK_BYTES, check_store_error
 
 _CPU_SOURCES = ("bindings.cpp", "cpu/norm_cpu.cpp")
 _CUDA_SOURCES = ("cuda/norm_cuda.cpp", "cuda/norm_kernels.cu")
@@ -239,8 +239,7 @@ class KernelSet:
     def expand_mse_forward(self, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
                            shift: Optional[Tensor], n: int, store_error: bool,
                            chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tuple[Tensor, Tensor]:
-        if store_error and n != 1:
-            raise ValueError(f"store_error needs n == 1 (one residual), got n={n}")
+        check_store_error(n, store_error)
         ext = checked_module(self.device, self.name, x, t, a, b, shift)
         return tuple(ext.expand_mse_forward(x, t, a, b, shift, int(n), bool(store_error),
                                             int(chunk_bytes)))

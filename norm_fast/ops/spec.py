@@ -31,3 +31,9 @@ DEFAULT_CHUNK_BYTES = 64 * 2**20
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_store_error(n: int, store_error: bool) -> None:
+    """The stored error is the decomposed algorithm's one residual: only for n == 1."""
+    if store_error and n != 1:
+        raise ValueError(f"store_error needs n == 1 (one residual), got n={n}")

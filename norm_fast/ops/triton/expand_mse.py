@@ -60,7 +60,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import launch as tlaunch
-from ..spec import DEFAULT_CHUNK_BYTES, compute_dtype
+from ..spec import DEFAULT_CHUNK_BYTES, check_store_error, compute_dtype
 
 
 # ---------------------------------------------------------------------------------------
@@ -529,8 +529,7 @@ def expand_mse_forward(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Option
     C_t = t.shape[1]
     P = B * L
     cdt, interpreted, a_k, b_c, s_c, consts = _common(x, t, a, b, shift, precision)
-    if store_error and n != 1:
-        raise ValueError(f"store_error needs n == 1 (one residual), got n={n}")
+    check_store_error(n, store_error)
     err = (torch.empty((B, C_t, L), dtype=cdt, device=x.device) if store_error
            else x.new_empty((0,), dtype=cdt))
     if P == 0 or C_t == 0 or n == 0:
