@@ -221,23 +221,8 @@ class NORM(nn.Module):
         from the map's output itself (C_s x P values, computed anyway): a variance formed
         from data is non-negative and as accurate as the literal's."""
         K, k = algebra.contraction_map(W2, exp)
-        if st2 is not None and st2.batch_stats and sync is None:
-            # u = contract(Y) exactly (K (X - mean) + W2 b, C_s x P values), normalised by
-            # the same BatchNorm op the literal module calls: statistics from the data,
-            # never negative, and one fused backward.
-            u = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None], k.to(f_in.dtype))
-            u = u if u.dtype == K.dtype else u.to(K.dtype)
-            track = st2.update
-            if track:
-                bn2.num_batches_tracked.add_(1)
-            factor = st2.factor
-            if isinstance(factor, Tensor):
-                factor = float(factor)   # momentum=None: as nn.BatchNorm2d, read on the host
-            return F.batch_norm(u, bn2.running_mean if track else None,
-                                bn2.running_var if track else None, bn2.weight, bn2.bias,
-                                True, factor or 0.0, bn2.eps)
         if st2 is not None and st2.batch_stats:
-            # Synchronised statistics: uc = K (X - mean): the contraction's output centred at its batch mean W2 b
+            # uc = K (X - mean): the contraction's output centred at its batch mean W2 b
             # (docs/design.md section 3), from the centred positions, so nothing cancels
             # and a constant batch gives exactly zero, as in the literal BatchNorm.
             # (A BatchNorm'd expansion in eval mode before a training one, exp.shift None:
@@ -245,26 +230,32 @@ class NORM(nn.Module):
             if exp.shift is not None:
                 uc = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None],
                               (-(K @ exp.shift)).to(f_in.dtype))
+                centre = W2 @ exp.b
             else:
                 u = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None], k.to(f_in.dtype))
                 mean_u = u.mean(dim=(0, 2, 3), dtype=torch.float64).to(u.dtype)
-                uc, k = u - mean_u[:, None, None], mean_u.to(K.dtype)
-            # uc is centred, so its mean is a rounding residual and the mean square minus
-            # its square does not cancel (clamped: >= 0 by construction); two plain
-            # reductions, several times faster than var_mean over (B, H, W) on CPU
-            ucw = uc if uc.dtype == K.dtype else uc.to(K.dtype)
-            mean_uc = ucw.mean(dim=(0, 2, 3))
-            var2 = (ucw.square().mean(dim=(0, 2, 3)) - mean_uc.square()).clamp_min(0)
+                uc, centre = u - mean_u[:, None, None], mean_u.to(K.dtype)
+            uc = uc if uc.dtype == K.dtype else uc.to(K.dtype)
             count = uc.shape[0] * uc.shape[2] * uc.shape[3]
-            if sync is not None:
-                mean_uc, var2, count = distributed.global_moments(mean_uc, var2, count, sync[0])
+            if sync is None:
+                # The literal's own batch_norm op normalises uc (statistics from the data,
+                # never negative; one fused backward); the running statistics are those of
+                # contract(Y) = uc + centre, updated here as nn.BatchNorm2d would.
+                if st2.update:
+                    with torch.no_grad():
+                        m = uc.mean(dim=(0, 2, 3))
+                        v = (uc.square().mean(dim=(0, 2, 3)) - m.square()).clamp_min(0)
+                        algebra.update_running(bn2, st2, centre + m, v, count)
+                return F.batch_norm(uc, None, None, bn2.weight, bn2.bias, True, 0.0, bn2.eps)
+            # Synchronised statistics: uc's mean (a rounding residual: no cancellation in
+            # the mean square minus its square, clamped >= 0) and variance, combined
+            mean_uc = uc.mean(dim=(0, 2, 3))
+            var2 = (uc.square().mean(dim=(0, 2, 3)) - mean_uc.square()).clamp_min(0)
+            mean_uc, var2, count = distributed.global_moments(mean_uc, var2, count, sync[0])
             gamma2, beta2 = algebra.affine_params(bn2, K.dtype)
             a2 = gamma2 * torch.rsqrt(var2 + bn2.eps)
             if st2.update:
-                mean2 = W2 @ exp.b if exp.shift is not None else k
-                algebra.update_running(bn2, st2, mean2, var2, count)
-            # a2 (uc - its batch mean) + beta2: the mean is a rounding residual here, but
-            # normalising with the same statistics the variance used keeps the pair exact
+                algebra.update_running(bn2, st2, centre + mean_uc, var2, count)
             return torch.addcmul((beta2 - a2 * mean_uc)[:, None, None], uc, a2[:, None, None])
         if bn2 is not None:
             K, k = algebra.fold_affine(K, k, *algebra.eval_affine(bn2, K.shape[0], K.dtype,
