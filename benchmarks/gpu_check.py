@@ -20,7 +20,7 @@ was measured. Steps, in order:
   correctness-b  cpp/cuda paths and auto                                  -> correctness.json
   timing       the six paper shapes, every path      -> results.json (+ .md/.png at the end)
   profile      torch.profiler at the main shape, kernel rates vs torch.mm -> profile.txt
-  report       results.md, results.png (benchmarks/report.py), summary.txt
+  report       results.md, results.png + headline*.png (report.py, plots.py), summary.txt
 Without the extension (its build failed or timed out) the later steps run without it and
 say so. DRY_RUN: tiny shapes on the CPU (Triton through its interpreter), the pytest
 steps run a few CPU cases instead of the CUDA ones, CUDA-only parts say "skipped: no CUDA".
@@ -53,9 +53,10 @@ BUDGET = {"total": (450, 110), "build": (240, 75), "env": (45, 30), "tests-trito
           "after-build": (245, 57)}
 MIN_STEP_S = 5
 TEST_TIMEOUT_S = {"gpu": 20, "dry": 15}
-PYTEST_K = {  # which cases: the CUDA ones on a GPU; a few CPU ones to rehearse the plumbing
-    "tests-triton": ("tests/test_triton_ops.py", "cuda", "cpu and moments_matches"),
-    "tests-ext": ("tests/test_cpp_ops.py", "cuda", "cpp and test_errors"),
+PYTEST_K = {  # which cases: the CUDA ones on a GPU; a few CPU ones to rehearse the plumbing;
+    # last: the backend the step tests, required (a missing one fails the step, never skips it)
+    "tests-triton": ("tests/test_triton_ops.py", "cuda", "cpu and moments_matches", "triton"),
+    "tests-ext": ("tests/test_cpp_ops.py", "cuda", "cpp and test_errors", "cuda"),
 }
 
 
@@ -143,8 +144,14 @@ class Run:
         self.env["PYTHONPATH"] = os.pathsep.join(
             [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
-    def child_env(self) -> Dict[str, str]:
+    def child_env(self, require: str = "") -> Dict[str, str]:
+        """The environment of a child step. NORM_FAST_REQUIRE (tests/conftest.py) is set per
+        step to what that step tests, never inherited: the caller's (CI sets cpp,triton)
+        would stop the Triton tests that run before the extension is built."""
         env = dict(self.env)
+        env.pop("NORM_FAST_REQUIRE", None)
+        if require:
+            env["NORM_FAST_REQUIRE"] = require
         if not self.extension_ready:
             env["NORM_FAST_NO_EXTENSION"] = "1"
         return env
@@ -176,13 +183,13 @@ class Run:
         return status
 
     def pytest(self, name: str) -> None:
-        test_file, k_gpu, k_dry = PYTEST_K[name]
+        test_file, k_gpu, k_dry, required = PYTEST_K[name]
         limit = self.limit(name)
         if limit < MIN_STEP_S:
             self.record(name, "skipped: budget", 0)
             return
         k = k_dry if C.dry_run() else k_gpu
-        env = self.child_env()
+        env = self.child_env(require="cpp" if C.dry_run() and required == "cuda" else required)
         env["GPU_CHECK_TEST_TIMEOUT_S"] = str(TEST_TIMEOUT_S["dry" if C.dry_run() else "gpu"])
         cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
                "-p", "benchmarks.gpu_pytest_timeout", test_file, "-k", k]
