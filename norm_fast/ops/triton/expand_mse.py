@@ -38,7 +38,8 @@ factor (e.g. 32x32, 56x56 maps; not 7x7). One compiled variant per distinct L.
 Precision. Accumulation is in the compute dtype: float64 for float64 inputs, float32
 otherwise. float32 products follow `precision` ("ieee" exact, "tf32" tensor cores,
 "tf32x3"); 16-bit inputs multiply 16-bit operands on tensor cores, in the kernels and in
-the backward's GEMMs (E, xc and a rounded once to the input dtype). The moments kernel
+the backward's GEMMs (E and a rounded once to the input dtype; x as it is, its shift
+folded into the bias: `_common`, docs/design.md section 3). The moments kernel
 (covariance, precision-sensitive) is always exact. The interpreter (CPU tensors) always
 multiplies exactly.
 
@@ -446,15 +447,29 @@ def _common(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor],
 
     a is handed to the kernels in the input dtype for 16-bit inputs (rounded once here,
     not per tile; half the bytes), else in the compute dtype.
+
+    16-bit inputs: the shift is folded into the bias, a (x - shift) + b = a x + (b - a shift)
+    (HAS_SHIFT off), so the tensor-core operand is x itself, exact in its dtype. Rounding
+    x - shift to 16 bits instead gives every equal value of a channel (the zeros of a
+    ReLU map: often half of them) the same rounding error, an error in Y that does not
+    average out over positions: 3.6e-3 relative loss error in bfloat16 against the
+    literal's 1.1e-5 (docs/design.md section 3). The centring buys no accuracy here:
+    x carries 2^-8 relative error already, and a x accumulates in float32 as the
+    literal's convolution does (same range).
     """
     cdt = compute_dtype(x.dtype)
     interpreted = tlaunch.uses_interpreter(x)
     rnd, dot, prec = tlaunch.dot_dtypes(x.dtype, interpreted, precision)
-    a_k = a.to(x.dtype if x.dtype in _HALF else cdt).contiguous()
-    b_c = b.to(cdt).contiguous()
-    s_c = shift.to(cdt).contiguous() if shift is not None else b_c  # dummy pointer
+    half = x.dtype in _HALF
+    a_k = a.to(x.dtype if half else cdt).contiguous()
+    b_c = b.to(cdt)
+    kernel_shift = shift is not None and not half
+    if shift is not None and half:
+        b_c = b_c - a_k.to(cdt) @ shift.to(cdt)
+    b_c = b_c.contiguous()
+    s_c = shift.to(cdt).contiguous() if kernel_shift else b_c  # else a dummy pointer
     consts = dict(L=x.shape[2], X_CONTIG=x.stride(2) == 1, T_CONTIG=t.stride(2) == 1,
-                  HAS_SHIFT=shift is not None, ACC=tlaunch.tl_dtype(cdt), RND=rnd, DOT=dot,
+                  HAS_SHIFT=kernel_shift, ACC=tlaunch.tl_dtype(cdt), RND=rnd, DOT=dot,
                   PREC=prec)
     return cdt, interpreted, a_k, b_c, s_c, consts
 
@@ -571,8 +586,9 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
         da += E_chunk @ xc_chunk^T      (n*C_t, C_s)
         dx[chunk] = E_chunk^T @ a       (chunk, C_s)  -- the sum over n*C_t does the
                                                           segment sum
-    to cuBLAS GEMMs. For 16-bit inputs 2g*E, xc and a are held in the input dtype (E and
-    xc computed in float32 and rounded once on store) and the GEMMs accumulate in float32
+    to cuBLAS GEMMs. For 16-bit inputs 2g*E, x and a are held in the input dtype (E
+    computed in float32 and rounded once on store; x exact, the shift folded into the
+    bias by `_common` and taken out of da as the rank-one -(2g sum_p E) shift^T) and the GEMMs accumulate in float32
     on tensor cores (`_mm`). The error is stored scaled by 2g (no extra launches to scale
     the results): in float16, 2g*E falls below the normal range (6e-5) when the loss
     gradient is tiny, exactly as the literal's float16 gradient dY = 2g(Y - T) does under
@@ -609,7 +625,11 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
         # row block; the final transpose to (B, C_s, L) is one copy of dx.
         dx_pc = torch.empty((P, C_s), dtype=cdt, device=dev) if want_x else None
         da = torch.zeros((K, C_s), dtype=cdt, device=dev) if want_a else None
-        e_rowsum = torch.zeros((K,), dtype=cdt, device=dev) if (want_b or want_s) else None
+        # shift folded into the bias (16-bit, `_common`): the kernel writes x, not x - shift,
+        # and da = 2g sum_p E x^T - (2g sum_p E) shift^T.
+        folded = shift is not None and not consts["HAS_SHIFT"]
+        e_rowsum = (torch.zeros((K,), dtype=cdt, device=dev)
+                    if (want_b or want_s or (want_a and folded)) else None)
 
         if P > 0 and C_t > 0 and (need_e or want_t):
             itemsize = torch.finfo(gdt).bits // 8
@@ -645,6 +665,8 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
                     _mm(e.t(), a_k, out=dx_pc[p0:p0 + pcur])
         elif want_t:
             dt.zero_()
+        if da is not None and folded:
+            da.sub_(torch.outer(e_rowsum, shift.to(cdt)))
         if dx_pc is not None and (P == 0 or C_t == 0 or n == 0):
             dx_pc.zero_()
 
@@ -695,13 +717,13 @@ def _backward_from_error(g2: Tensor, x: Tensor, t: Tensor, a_k: Tensor,
         if want_x:
             dx = torch.empty((B, C_s, L), dtype=x.dtype, device=dev)
             torch.mul(_mm(a_k.t(), e16).view(C_s, B, L).transpose(0, 1), g2, out=dx)
-        if want_a:
-            xc16 = torch.empty((C_s, B, L), dtype=gdt, device=dev)
-            if shift is None:
-                xc16.copy_(x.transpose(0, 1))
-            else:  # computed in float32, rounded once
-                torch.sub(x.transpose(0, 1), shift.to(cdt)[:, None, None], out=xc16)
-            da = _mm(e16, xc16.view(C_s, B * L).t()) * g
+        if want_a:  # x exact, the shift as a rank-one term (see `_common`)
+            x16 = torch.empty((C_s, B, L), dtype=gdt, device=dev)
+            x16.copy_(x.transpose(0, 1))
+            da = _mm(e16, x16.view(C_s, B * L).t())
+            if shift is not None:
+                da -= torch.outer(e.sum(dim=(0, 2)), shift.to(cdt))
+            da = da * g
     return (
         dx,
         (e * (-g)).to(t.dtype) if want_t else empty,
