@@ -25,7 +25,7 @@ def test_two_processes_equal_one_global_batch(tmp_path, mode, algorithm):
         port = s.getsockname()[1]
     ctx = mp.spawn(dist_worker.worker, args=(2, f"tcp://127.0.0.1:{port}", mode, algorithm,
                                              str(tmp_path)), nprocs=2, join=False)
-    deadline = time_limit = 120.0       # seconds; never hang the suite on a lost process
+    deadline = time_limit = 300.0       # seconds (about 10 alone); never hang the suite on a lost process
     while not ctx.join(timeout=5):
         deadline -= 5
         if deadline <= 0:
