@@ -7,8 +7,9 @@ cannot take a Python object) and calls that kernel set from `dispatch.REGISTRY`,
 backend shares one autograd formula.
 
     moments(x, backend)            -> (mean (C,), cov (C, C))        docs/design.md s.3
-    expand_mse(x, t, a, b, shift, n, store_error, backend)
+    expand_mse(x, t, a, b, shift, n, store_error, backend, precision)
                                    -> (sum_i ||a_i (x - shift) + b_i - t||^2, error or empty)
+    (precision: of its float32 products on CUDA, `ops/spec.PRECISIONS`; the plan's)
 """
 from __future__ import annotations
 
@@ -69,18 +70,19 @@ moments.register_autograd(_moments_bwd, setup_context=_moments_setup)
 # --- expand + N-segment squared error ------------------------------------------------------
 @torch.library.custom_op("norm_fast::expand_mse", mutates_args=())
 def expand_mse(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor], n: int,
-               store_error: bool, backend: str) -> Tuple[Tensor, Tensor]:
+               store_error: bool, backend: str, precision: str) -> Tuple[Tensor, Tensor]:
     """Sum over the n segments of ||a_i (x - shift) + b_i - t||^2 (0-dim, compute dtype).
 
     x (B, C_s, L), t (B, C_t, L), a (n*C_t, C_s), b (n*C_t,), shift (C_s,) or None.
     With store_error (n == 1) also returns the error (B, C_t, L); else an empty tensor.
     """
-    sq, err = _kernels(backend).expand_mse_forward(x, t, a, b, shift, n, store_error)
+    sq, err = _kernels(backend).expand_mse_forward(x, t, a, b, shift, n, store_error,
+                                                   precision=precision)
     return sq, err
 
 
 @expand_mse.register_fake
-def _expand_mse_fake(x, t, a, b, shift, n, store_error, backend):
+def _expand_mse_fake(x, t, a, b, shift, n, store_error, backend, precision):
     cdt = compute_dtype(x.dtype)
     err_shape = t.shape if store_error else (0,)
     return x.new_empty((), dtype=cdt), x.new_empty(err_shape, dtype=cdt)
@@ -89,17 +91,18 @@ def _expand_mse_fake(x, t, a, b, shift, n, store_error, backend):
 @torch.library.custom_op("norm_fast::expand_mse_backward", mutates_args=())
 def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
                         shift: Optional[Tensor], n: int, err: Optional[Tensor],
-                        grad_mask: List[bool], backend: str
+                        grad_mask: List[bool], backend: str, precision: str
                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     out = _kernels(backend).expand_mse_backward(grad, x, t, a, b, shift, n, err,
-                                                        list(grad_mask))
+                                                list(grad_mask), precision=precision)
     # Custom-op outputs may not alias each other: give each unwanted gradient its own
     # empty tensor (kernel sets may share one).
     return tuple(g if g.numel() else g.new_empty((0,)) for g in out)
 
 
 @expand_mse_backward.register_fake
-def _expand_mse_backward_fake(grad, x, t, a, b, shift, n, err, grad_mask, backend):
+def _expand_mse_backward_fake(grad, x, t, a, b, shift, n, err, grad_mask, backend,
+                              precision):
     cdt = compute_dtype(x.dtype)
     want_x, want_t, want_a, want_b, want_s = grad_mask
     empty = x.new_empty((0,), dtype=cdt)
@@ -113,8 +116,8 @@ def _expand_mse_backward_fake(grad, x, t, a, b, shift, n, err, grad_mask, backen
 
 
 def _expand_mse_setup(ctx, inputs, output):
-    x, t, a, b, shift, n, store_error, backend = inputs
-    ctx.n, ctx.backend, ctx.has_shift = n, backend, shift is not None
+    x, t, a, b, shift, n, store_error, backend, precision = inputs
+    ctx.n, ctx.backend, ctx.precision, ctx.has_shift = n, backend, precision, shift is not None
     ctx.save_for_backward(x, t, a, b, shift, output[1] if store_error else None)
     ctx.mark_non_differentiable(output[1])  # the stored error is a by-product, not a result
 
@@ -123,13 +126,13 @@ def _expand_mse_bwd(ctx, grad_sq, grad_err):
     x, t, a, b, shift, err = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:5])
     if not any(need):
-        return (None,) * 8
+        return (None,) * 9
     dx, dt, da, db, dshift = expand_mse_backward(grad_sq, x, t, a, b, shift, ctx.n, err, need,
-                                                 ctx.backend)
+                                                 ctx.backend, ctx.precision)
     grads = [g if want else None for g, want in zip((dx, dt, da, db, dshift), need)]
     if not ctx.has_shift:
         grads[4] = None
-    return (*grads, None, None, None)
+    return (*grads, None, None, None, None)
 
 
 expand_mse.register_autograd(_expand_mse_bwd, setup_context=_expand_mse_setup)

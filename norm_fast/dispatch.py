@@ -35,6 +35,7 @@ import torch
 
 from . import _checks
 from .ops import eager, extension
+from .ops.spec import PRECISIONS
 from .ops.triton import KERNELS as TRITON_KERNELS
 
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
@@ -60,10 +61,12 @@ _warned: set = set()
 @dataclass(frozen=True)
 class Plan:
     """What one forward runs. backend: a concrete name in REGISTRY; algorithm: "literal",
-    "direct" or "decomposed"; kernels: the registered kernel set itself."""
+    "direct" or "decomposed"; kernels: the registered kernel set itself; precision: of the
+    float32 P-sized products on CUDA (`resolve_precision`)."""
     backend: str
     algorithm: str
     kernels: Any
+    precision: str = "ieee"
 
     @property
     def literal(self) -> bool:
@@ -76,6 +79,29 @@ def check_backend(backend: str, what: str = "backend") -> str:
 
 def check_algorithm(algorithm: str, what: str = "algorithm") -> str:
     return _checks.check_choice(what, algorithm, ALGORITHMS)
+
+
+def check_precision(precision: str, what: str = "precision") -> str:
+    return _checks.check_choice(what, precision, ("auto",) + PRECISIONS)
+
+
+def resolve_precision(precision: str, device_type: str, dtype: torch.dtype) -> str:
+    """The input precision of the float32 products that replace the literal's 1x1
+    convolutions (`ops/spec.PRECISIONS`).
+
+    "auto" follows the literal: its convolutions are cuDNN's, which use TF32 in float32
+    exactly when ``torch.backends.cudnn.allow_tf32`` is True (PyTorch's default), so on
+    CUDA in float32 "auto" is "tf32" then and "ieee" otherwise. Everywhere else (CPU,
+    16-bit or float64 products) "ieee": the choice has no effect there. An explicit
+    "ieee" / "tf32" / "tf32x3" is kept. The precision-sensitive small algebra (moments,
+    spread, variances) is exact whatever this says (docs/design.md section 3).
+    """
+    check_precision(precision)
+    if precision != "auto":
+        return precision
+    if device_type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
 
 
 def devices_of(backend: str) -> Tuple[str, ...]:
@@ -169,41 +195,140 @@ def cost_model(B: int, C_s: int, C_t: int, H: int, W: int, n: int,
     }
 
 
+# --- GPU time model (seconds) ------------------------------------------------------------
+# On a GPU the multiply-add count misleads twice: the literal form's 1x1 convolutions run on
+# tensor cores (TF32 in float32 by cuDNN's default, bf16 under autocast) while the folded
+# algebra is IEEE float32 on purpose (docs/design.md section 3), and a step of the fused
+# forms issues several times the literal's device operations, each paying a host-side
+# launch. So on CUDA, per candidate,
+#     time = max(host, device),   host = launches * LAUNCH_S,
+#     device = sum over its products of flop / rate + bytes / GPU_BANDWIDTH
+#              + launches * KERNEL_FLOOR_S
+# with the rates of an H200 SXM's data sheet (dense, no sparsity) derated by
+# GPU_EFFICIENCY (an estimate: nothing here was measured on a GPU yet), and the device
+# operations of one training step as tests/launch_count.py counts them (asserted equal
+# in tests/test_launch_count.py, so this table cannot drift from the code; the CUDA
+# extension's are its CPU twin's, whose host code is the same). Deterministic in the
+# shapes: every DDP rank with the same per-rank batch chooses the same algorithm.
+GPU_RATES = {"bfloat16": 989e12, "float16": 989e12, "tf32": 494e12, "float32": 67e12,
+             "float64": 67e12}                      # flop/s (a multiply-add is 2 flop)
+GPU_BANDWIDTH = 4.8e12                              # bytes/s (HBM3e)
+GPU_EFFICIENCY = 0.5                                # fraction of peak a product reaches
+LAUNCH_S = 5e-6                                     # host time of one device operation
+KERNEL_FLOOR_S = 2e-6                               # device time of one small kernel
+LAUNCHES = {("torch", "literal"): 21,               # tests/test_launch_count.py
+            ("triton", "direct"): 163, ("triton", "decomposed"): 192,
+            ("cpp", "direct"): 149, ("cpp", "decomposed"): 178,
+            ("torch", "decomposed"): 185}
+_TWIN = {"cuda": "cpp"}   # a backend whose count stands for another's
+_LITERAL_PASSES = 12      # reads + writes of the N*C_t*P expanded tensors, fwd + bwd
+
+
+def gpu_time_model(B: int, C_s: int, C_t: int, H: int, W: int, n: int, backend: str,
+                   dtype: torch.dtype = torch.float32, literal_tf32: bool = True
+                   ) -> Dict[str, float]:
+    """Estimated seconds of one training forward + backward on an H200, per algorithm.
+
+    dtype: the dtype the P-sized products run in (the autocast dtype under autocast);
+    literal_tf32: whether the literal's float32 convolutions use TF32
+    (torch.backends.cudnn.allow_tf32, True by default). The fused forms' P-sized products
+    are charged the literal's rate (the same precision policy); their N*C_t*C_s^2 algebra
+    and the C_s x C_s moments IEEE float32 (float64 for float64).
+    """
+    P = B * H * W
+    NC = n * C_t
+    name = str(dtype).replace("torch.", "")
+    item = torch.finfo(dtype).bits // 8
+    exact = GPU_RATES["float64" if dtype == torch.float64 else "float32"] * GPU_EFFICIENCY
+    fast = GPU_RATES["tf32" if name == "float32" and literal_tf32 else name] * GPU_EFFICIENCY
+    io = (C_s + C_t) * P * item * 6           # f_s, f_t, the features and their gradients
+    small = 10.0 * NC * C_s * C_s + 10.0 * C_s * C_s * P
+    work = {  # algorithm: (flop at the product rate, flop at the exact rate, extra bytes)
+        "literal": (12.0 * NC * C_s * P, 0.0, _LITERAL_PASSES * NC * P * item),
+        "direct": (8.0 * NC * C_s * P, small, 0.0),
+        "decomposed": (6.0 * C_t * C_s * P, small, 0.0),
+    }
+    out = {}
+    for algo, (f_fast, f_exact, extra) in work.items():
+        if algo == "literal":
+            key = ("torch", "literal")
+        else:
+            key = (_TWIN.get(backend, backend), algo)
+        launches = LAUNCHES.get(key, LAUNCHES[("torch", "decomposed")])
+        device = (f_fast / fast + f_exact / exact + (io + extra) / GPU_BANDWIDTH
+                  + launches * KERNEL_FLOOR_S)
+        out[algo] = max(launches * LAUNCH_S, device)
+    return out
+
+
+def literal_memory_limit(device_type: str) -> int:
+    """Bytes of expanded tensors the literal form may allocate when auto picks it: 1 GiB on
+    CPU; a quarter of the current device's memory on CUDA (35 GiB on an H200)."""
+    if device_type == "cuda" and torch.cuda.is_available():
+        return _cuda_memory() // 4
+    return LITERAL_MEMORY_LIMIT
+
+
+@torch.compiler.assume_constant_result
+def _cuda_memory() -> int:
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
 def _choose_algorithm(requested: str, backend: str, algorithm: str, device_type: str,
-                      B: int, C_s: int, C_t: int, H: int, W: int, n: int) -> str:
+                      B: int, C_s: int, C_t: int, H: int, W: int, n: int,
+                      dtype: torch.dtype = torch.float32) -> str:
     """The algorithm of the plan: "literal", "direct" or "decomposed"."""
     if backend == "torch" and algorithm in ("direct", "auto") and (
             algorithm == "direct" or requested == "torch"):
         return "literal"      # the torch backend's direct form is the literal reference
     if algorithm != "auto":
         return algorithm
-    cost = cost_model(B, C_s, C_t, H, W, n, device_type)
+    if device_type == "cuda":
+        cost = gpu_time_model(B, C_s, C_t, H, W, n, backend, dtype,
+                              bool(torch.backends.cudnn.allow_tf32))
+    else:
+        cost = cost_model(B, C_s, C_t, H, W, n, device_type)
     if backend == "torch":
         cost["direct"] = cost["literal"]
     expanded_bytes = _LITERAL_COPIES * 4 * n * C_t * B * H * W
-    if requested != "auto" or expanded_bytes > LITERAL_MEMORY_LIMIT:
+    if requested != "auto" or expanded_bytes > literal_memory_limit(device_type):
         cost.pop("literal")
     choice = min(cost, key=cost.get)
     if backend == "torch" and choice == "direct":
         # never the literal form past the memory limit
-        return "literal" if expanded_bytes <= LITERAL_MEMORY_LIMIT else "decomposed"
+        return ("literal" if expanded_bytes <= literal_memory_limit(device_type)
+                else "decomposed")
     return choice
 
 
+def product_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype the P-sized products run in: the autocast dtype where autocast is on for
+    the device and the tensors are float32, else the tensors' own."""
+    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def resolve(backend: str, algorithm: str, device_type: str, B: int, C_s: int, C_t: int,
-            H: int, W: int, n: int) -> Plan:
+            H: int, W: int, n: int, dtype: torch.dtype = torch.float32,
+            precision: str = "auto") -> Plan:
     """The plan for tensors of the given sizes.
 
     With backend="auto" and algorithm="auto" the literal form competes with the fused
-    forms wherever its expanded tensors fit `LITERAL_MEMORY_LIMIT` (small maps with wide
+    forms wherever its expanded tensors fit `literal_memory_limit` (small maps with wide
     channels: there, folding the FT into C_s x C_s maps costs more than expanding P
     positions). An explicit backend="torch" with algorithm "direct" or "auto" is the
-    literal reference.
+    literal reference. dtype: the student features' dtype; on CUDA the time model charges
+    the dtype the products run in (the autocast dtype under autocast). precision: see
+    `resolve_precision`.
     """
     backend, algorithm = _overrides(check_backend(backend), check_algorithm(algorithm))
     requested = backend
     backend = resolve_backend(backend, device_type)
-    chosen = _choose_algorithm(requested, backend, algorithm, device_type, B, C_s, C_t, H, W, n)
+    pdt = product_dtype(dtype, device_type)
+    chosen = _choose_algorithm(requested, backend, algorithm, device_type, B, C_s, C_t, H, W,
+                               n, pdt)
     if chosen == "literal":
         backend = "torch"
-    return Plan(backend, chosen, REGISTRY[backend][0])
+    return Plan(backend, chosen, REGISTRY[backend][0],
+                resolve_precision(precision, device_type, pdt))

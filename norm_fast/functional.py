@@ -8,18 +8,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, algebra, custom_ops, dispatch, segment_loss
-from .ops.spec import compute_dtype
+from .ops.spec import compute_dtype, gemm_precision
 from .reference import reference_norm_loss
 
 
 def norm_loss(f_s: Tensor, f_t: Tensor, weight: Tensor, n: int, *,
               segment_reduction: str = "sum", backend: str = "auto",
-              algorithm: str = "auto") -> Tensor:
+              algorithm: str = "auto", precision: str = "auto") -> Tensor:
     """`mse_loss(conv2d(f_s, weight), f_t.repeat(1, n, 1, 1)) * n` without the expanded tensor.
 
     f_s (B, C_s, H, W), f_t (B, C_t, H, W), weight (n*C_t, C_s) or (n*C_t, C_s, 1, 1).
     Differentiable in f_s, f_t and weight. "mean" divides by n. Returns a 0-dim tensor
-    (float32 for 16-bit inputs).
+    (float32 for 16-bit inputs). precision: as in `NORM` (`dispatch.resolve_precision`).
     """
     _checks.check_n(n)
     _checks.check_reduction(segment_reduction)
@@ -36,13 +36,14 @@ def norm_loss(f_s: Tensor, f_t: Tensor, weight: Tensor, n: int, *,
         raise ValueError(f"weight must have shape {expected} or {expected + (1, 1)} "
                          f"(n*C_t, C_s), got {tuple(weight.shape)}")
     _checks.check_param_compat(f_s, weight, "weight")
-    plan = dispatch.resolve(backend, algorithm, f_s.device.type, B, C_s, C_t, H, W, n)
+    plan = dispatch.resolve(backend, algorithm, f_s.device.type, B, C_s, C_t, H, W, n,
+                            f_s.dtype, precision)
     backend, algorithm = plan.backend, plan.algorithm
     if plan.literal:
         return reference_norm_loss(f_s, f_t, weight, n, segment_reduction)
     dev = f_s.device.type
-    with torch.autocast(dev, enabled=False):
-        cdt = compute_dtype(f_s.dtype)
+    cdt = compute_dtype(f_s.dtype)
+    with torch.autocast(dev, enabled=False), gemm_precision(f_s.device, cdt, "ieee"):
         w = weight.reshape(n * C_t, C_s).to(cdt)
         x, t = f_s.flatten(2), f_t.flatten(2)
         mom = None
@@ -55,9 +56,9 @@ def norm_loss(f_s: Tensor, f_t: Tensor, weight: Tensor, n: int, *,
             mom = algebra.Moments(x, mean, cov, mean, cov, B * H * W, scale=scale)
         exp = algebra.fixed_expansion(w, None, mom, n if mom is not None else 0)
         if mom is not None:
-            sq = segment_loss.decomposed_sq_sum(mom, t, exp, n, backend)
+            sq = segment_loss.decomposed_sq_sum(mom, t, exp, n, backend, plan.precision)
         else:
-            sq = segment_loss.direct_sq_sum(x, t, exp, n, backend)
+            sq = segment_loss.direct_sq_sum(x, t, exp, n, backend, plan.precision)
         loss = sq / (C_t * B * H * W)
     return loss / n if segment_reduction == "mean" else loss
 

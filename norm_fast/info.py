@@ -149,14 +149,20 @@ def _plan(shape: Tuple[int, ...], dtype: torch.dtype, device: str) -> Dict[str, 
     B, C_s, C_t, H, W, n = shape
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plan = dispatch.resolve("auto", "auto", device, B, C_s, C_t, H, W, n)
+        plan = dispatch.resolve("auto", "auto", device, B, C_s, C_t, H, W, n, dtype)
     skipped = []
     for name in dispatch.AUTO_ORDER.get(device, ("torch",)):
         ok, why = dispatch.is_available(name)
         if ok:
             break
         skipped.append(f"{name}: {why}")
-    cost = dispatch.cost_model(B, C_s, C_t, H, W, n, device)
+    if device == "cuda":  # seconds, the GPU time model (with the backend auto resolved to)
+        cost = dispatch.gpu_time_model(B, C_s, C_t, H, W, n, plan.backend, dtype,
+                                       bool(torch.backends.cudnn.allow_tf32))
+        unit = "seconds (dispatch.gpu_time_model, an H200 estimate)"
+    else:
+        cost = dispatch.cost_model(B, C_s, C_t, H, W, n, device)
+        unit = "multiply-add equivalents (dispatch.cost_model)"
     copies = getattr(dispatch, "_LITERAL_COPIES", 5)
     expanded_bytes = copies * 4 * n * C_t * B * H * W
     overrides = {k: os.environ[k] for k in (dispatch.ENV_BACKEND, dispatch.ENV_ALGORITHM)
@@ -164,9 +170,9 @@ def _plan(shape: Tuple[int, ...], dtype: torch.dtype, device: str) -> Dict[str, 
     return {"shape": dict(zip(SHAPE_FIELDS, shape)), "dtype": str(dtype).replace("torch.", ""),
             "device": device, "backend": plan.backend, "algorithm": plan.algorithm,
             "auto order": dispatch.AUTO_ORDER.get(device, ("torch",)), "skipped": skipped,
-            "cost (multiply-add equivalents, forward+backward)": cost,
+            "cost (forward+backward)": cost, "cost unit": unit,
             "literal expanded bytes": expanded_bytes,
-            "literal memory limit": dispatch.LITERAL_MEMORY_LIMIT,
+            "literal memory limit": dispatch.literal_memory_limit(device),
             "accumulation dtype": str(compute_dtype(dtype)).replace("torch.", ""),
             "environment overrides": overrides,
             "warnings": [str(w.message) for w in caught]}
@@ -177,7 +183,8 @@ def info(shape=None, dtype="float32", device: Optional[str] = None) -> Info:
     why not; with `shape` = (B, C_s, C_t, H, W, N) (or "B,Cs,Ct,H,W,N") also the plan
     `backend="auto", algorithm="auto"` resolves to on `device` ("cpu", "cuda"; default
     cuda when available) and its cost figures. `dtype` ("float32", "bfloat16", "float16",
-    "float64") sets only the accumulation dtype shown: the choice does not depend on it.
+    "float64"): the dtype of the products (as under autocast); on CPU the choice does not
+    depend on it, on CUDA the time model charges its rate.
 
     Raises ValueError/TypeError for a malformed shape, an unknown dtype or device, or
     device="cuda" without a CUDA device.
@@ -230,9 +237,9 @@ def format_info(rep: Dict) -> str:
         if plan["skipped"]:
             why.append("skipped " + "; ".join(plan["skipped"]))
         lines.append("  backend: " + ", ".join(why))
-        lines.append("  estimated cost of one forward+backward, multiply-add equivalents "
-                     "(dispatch.cost_model):")
-        cost = plan["cost (multiply-add equivalents, forward+backward)"]
+        lines.append(f"  estimated cost of one forward+backward, {plan['cost unit']}:")
+        cost = plan["cost (forward+backward)"]
+        fmt = ((lambda v: f"{v * 1e3:.3f} ms") if plan["device"] == "cuda" else _fmt_macs)
         best = min(cost.values())
         for name, value in sorted(cost.items(), key=lambda kv: kv[1]):
             extra = ""
@@ -244,9 +251,8 @@ def format_info(rep: Dict) -> str:
                          f"  (NOT a candidate: its expanded tensors, "
                          f"{plan['literal expanded bytes'] / 2**20:.1f} MiB, exceed the "
                          f"{plan['literal memory limit'] / 2**20:.0f} MiB limit)")
-            lines.append(f"    {name:<11} {_fmt_macs(value):>9}  {value / best:5.2f}x{extra}")
-        lines.append(f"  accumulation dtype: {plan['accumulation dtype']} (the choice does "
-                     "not depend on the dtype)")
+            lines.append(f"    {name:<11} {fmt(value):>9}  {value / best:5.2f}x{extra}")
+        lines.append(f"  accumulation dtype: {plan['accumulation dtype']}")
         for w in plan["warnings"]:
             lines.append(f"  warning: {w}")
     return "\n".join(lines)

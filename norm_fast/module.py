@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks, algebra, custom_ops, dispatch, distributed, segment_loss
-from .ops.spec import compute_dtype
+from .ops.spec import compute_dtype, gemm_precision
 from .reference import reference_forward
 
 
@@ -27,6 +27,11 @@ class NORM(nn.Module):
         detach_teacher: stop the loss's gradient at f_t (the reference behaviour).
         backend: "auto", "torch" (the literal reference), "triton", "cpp", "cuda".
         algorithm: "auto", "direct" or "decomposed" (see `norm_fast.dispatch`).
+        precision: of the float32 products that replace the literal's 1x1 convolutions, on
+            CUDA: "auto" (default) follows the literal's convolutions, TF32 exactly when
+            torch.backends.cudnn.allow_tf32 is True (PyTorch's default); "ieee", "tf32"
+            or "tf32x3" (Triton only; exact elsewhere) override it. The covariance,
+            variances and spread are exact whatever it says (`dispatch.resolve_precision`).
         sync_batchnorm: in training under torch.distributed, normalise with the statistics
             of the global batch (all-reducing the mean and covariance of f_s over
             `process_group`, default the world), as nn.SyncBatchNorm would. The same
@@ -48,7 +53,7 @@ class NORM(nn.Module):
     def __init__(self, student_channels: int, teacher_channels: int, n: int = 8, *,
                  batchnorm: bool = True, residual: bool = True, segment_reduction: str = "sum",
                  detach_teacher: bool = True, backend: str = "auto", algorithm: str = "auto",
-                 sync_batchnorm: bool = False, process_group=None):
+                 precision: str = "auto", sync_batchnorm: bool = False, process_group=None):
         super().__init__()
         self.student_channels = _checks.check_channels("student_channels", student_channels)
         self.teacher_channels = _checks.check_channels("teacher_channels", teacher_channels)
@@ -59,6 +64,7 @@ class NORM(nn.Module):
         self.detach_teacher = bool(detach_teacher)
         self.backend = dispatch.check_backend(backend)
         self.algorithm = dispatch.check_algorithm(algorithm)
+        self.precision = dispatch.check_precision(precision)
         self.sync_batchnorm = bool(sync_batchnorm)
         self.process_group = process_group
         expanded = self.n * self.teacher_channels
@@ -83,14 +89,17 @@ class NORM(nn.Module):
         return (f"student_channels={self.student_channels}, teacher_channels="
                 f"{self.teacher_channels}, n={self.n}, batchnorm={self.batchnorm}, residual="
                 f"{self.residual}, segment_reduction={self.segment_reduction!r}, "
-                f"backend={self.backend!r}, algorithm={self.algorithm!r}")
+                f"backend={self.backend!r}, algorithm={self.algorithm!r}"
+                + (f", precision={self.precision!r}" if self.precision != "auto" else ""))
 
     # -------------------------------------------------------------------------------------
     def resolve(self, f_s: Tensor) -> dispatch.Plan:
-        """The `dispatch.Plan` (backend, algorithm, kernels) this module runs for `f_s`."""
+        """The `dispatch.Plan` (backend, algorithm, kernels, precision) this module runs
+        for `f_s`."""
         B, C_s, H, W = f_s.shape
         return dispatch.resolve(self.backend, self.algorithm, f_s.device.type, B, C_s,
-                                self.teacher_channels, H, W, self.n)
+                                self.teacher_channels, H, W, self.n, f_s.dtype,
+                                getattr(self, "precision", "auto"))
 
     def forward(self, f_s: Tensor, f_t: Optional[Tensor] = None
                 ) -> Tuple[Tensor, Optional[Tensor]]:
@@ -109,7 +118,7 @@ class NORM(nn.Module):
         # (Synchronised statistics take the moments route even for the literal choice:
         # nn.SyncBatchNorm itself cannot run on CPU tensors.)
         algorithm = "direct" if plan.literal else plan.algorithm
-        return self._fast_forward(f_s, f_t, plan.backend, algorithm, sync)
+        return self._fast_forward(f_s, f_t, plan.backend, algorithm, sync, plan.precision)
 
     def _sync_group(self):
         """None, or a 1-tuple holding the process group whose global batch sets the stats."""
@@ -124,15 +133,18 @@ class NORM(nn.Module):
         return (distributed.statistics_group(self, group),)
 
     def _fast_forward(self, f_s: Tensor, f_t: Optional[Tensor], backend: str, algorithm: str,
-                      sync=None):
+                      sync=None, precision: str = "ieee"):
         dev = f_s.device.type
         out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else f_s.dtype
-        with torch.autocast(dev, enabled=False):
-            features, loss = self._fast_ft(f_s, f_t, backend, algorithm, sync)
+        # The small algebra's forward products exact (cuBLAS float32 on CUDA), whatever
+        # torch.backends.cuda.matmul says; the P-sized products set their own precision.
+        with torch.autocast(dev, enabled=False), \
+                gemm_precision(f_s.device, compute_dtype(f_s.dtype), "ieee"):
+            features, loss = self._fast_ft(f_s, f_t, backend, algorithm, sync, precision)
         return features.to(out_dtype), loss
 
     def _fast_ft(self, f_s: Tensor, f_t: Optional[Tensor], backend: str, algorithm: str,
-                 sync=None):
+                 sync=None, precision: str = "ieee"):
         """FT and loss from the moments of f_s (docs/design.md sections 3-4); nothing of
         size N*C_t*P. Y = A (X - shift) + b; features = contraction of Y (+ f_s)."""
         n, C_t = self.n, self.teacher_channels
@@ -160,9 +172,9 @@ class NORM(nn.Module):
 
         t = (f_t.detach() if self.detach_teacher else f_t).flatten(2)
         if decomposed:
-            sq = segment_loss.decomposed_sq_sum(mom, t, exp, n, backend)
+            sq = segment_loss.decomposed_sq_sum(mom, t, exp, n, backend, precision)
         else:
-            sq = segment_loss.direct_sq_sum(f_in.flatten(2), t, exp, n, backend)
+            sq = segment_loss.direct_sq_sum(f_in.flatten(2), t, exp, n, backend, precision)
         loss = sq / (C_t * f_s.shape[0] * f_s.shape[2] * f_s.shape[3])
         return features, (loss / n if self.segment_reduction == "mean" else loss)
 

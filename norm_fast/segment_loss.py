@@ -19,14 +19,16 @@ from . import custom_ops
 from .algebra import Expansion, Moments
 
 
-def direct_sq_sum(x: Tensor, t: Tensor, exp: Expansion, n: int, backend: str) -> Tensor:
+def direct_sq_sum(x: Tensor, t: Tensor, exp: Expansion, n: int, backend: str,
+                  precision: str = "ieee") -> Tensor:
     """sum_i ||A_i (x - shift) + b_i - t||^2 over the positions of x (B, C_s, L) and
-    t (B, C_t, L), by the fused direct pass."""
-    sq, _ = custom_ops.expand_mse(x, t, exp.A, exp.b, exp.shift, n, False, backend)
+    t (B, C_t, L), by the fused direct pass (its products in `precision`)."""
+    sq, _ = custom_ops.expand_mse(x, t, exp.A, exp.b, exp.shift, n, False, backend, precision)
     return sq
 
 
-def decomposed_sq_sum(mom: Moments, t: Tensor, exp: Expansion, n: int, backend: str) -> Tensor:
+def decomposed_sq_sum(mom: Moments, t: Tensor, exp: Expansion, n: int, backend: str,
+                      precision: str = "ieee") -> Tensor:
     """The same sum, decomposed (docs/design.md section 4).
 
     For any centre c (C,), with D_i = A_i - Abar, e_i = b_i + A_i c (the bias about c),
@@ -55,5 +57,5 @@ def decomposed_sq_sum(mom: Moments, t: Tensor, exp: Expansion, n: int, backend: 
         e = e + exp.A @ (mom.local_mean - c)
     e2 = e.view(n, C_t)
     d = e2 - e2.mean(0)
-    resid, _ = custom_ops.expand_mse(x, t, exp.Abar, bbar, c, 1, True, backend)
+    resid, _ = custom_ops.expand_mse(x, t, exp.Abar, bbar, c, 1, True, backend, precision)
     return (B * L) * (exp.spread + d.square().sum()) + n * resid

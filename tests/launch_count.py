@@ -2,7 +2,8 @@
 
 A *device operation* is an ATen operator call that launches work on the device, or a
 launch of a Triton kernel of norm_fast. The count is taken on CPU: the same operators
-are called on CUDA (the host code does not branch on the device type in between), so it
+are called on CUDA (the host code does not branch on the device type in between, except
+`algebra.is_one`, patched here to take CUDA's branch), so it
 predicts the host-side launch overhead of a GPU step; what it does not see is how many
 device kernels one operator becomes there (a cuDNN convolution backward is one operator
 here and two or three kernels there; a cuBLAS GEMM is one of each).
@@ -24,12 +25,13 @@ here and two or three kernels there; a cuBLAS GEMM is one of each).
 from __future__ import annotations
 
 import collections
+from unittest import mock
 from typing import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from norm_fast import custom_ops
+from norm_fast import algebra, custom_ops
 from norm_fast.ops.triton import launch as triton_launch
 
 aten = torch.ops.aten
@@ -121,7 +123,9 @@ def count_training_step(mod: torch.nn.Module, f_s: torch.Tensor, f_t: torch.Tens
     """Device operations of ``features, loss = mod(f_s, f_t); (loss + features.sum())
     .backward()`` (the features' sum stands for the classifier's use of them)."""
     counter = LaunchCounter()
-    with counter:
+    # The one host branch on the device type: on CPU the range-scaling pass is skipped
+    # when sigma is 1 (`algebra.is_one`, free there, a sync on CUDA). Count CUDA's route.
+    with mock.patch.object(algebra, "is_one", lambda scale: False), counter:
         feats, loss = mod(f_s, f_t)
         (loss + feats.sum()).backward()
     return counter

@@ -52,3 +52,53 @@ def test_environment_overrides_are_validated(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_ALGORITHM, "fast")
     with pytest.raises(ValueError, match="NORM_FAST_ALGORITHM must be one of.*'fast'"):
         NORM(4, 3, 2)(torch.randn(2, 4, 3, 3))
+
+
+# --- the GPU time model ----------------------------------------------------------------
+
+def _gpu_choice(B, C_s, C_t, H, W, n, dtype=torch.float32, backend="triton"):
+    return dispatch._choose_algorithm("auto", backend, "auto", "cuda", B, C_s, C_t, H, W, n,
+                                      dtype)
+
+
+def test_gpu_model_charges_launches_where_the_work_is_small():
+    """Tiny problems are host-bound: the form with the fewest device operations (the
+    literal's) wins, and each candidate's time is at least its launches' host time."""
+    t = dispatch.gpu_time_model(2, 16, 16, 2, 2, 4, "triton")
+    for algo, key in (("literal", ("torch", "literal")), ("direct", ("triton", "direct")),
+                      ("decomposed", ("triton", "decomposed"))):
+        assert t[algo] >= dispatch.LAUNCHES[key] * dispatch.LAUNCH_S
+    assert _gpu_choice(2, 16, 16, 2, 2, 4) == "literal"
+
+
+def test_gpu_model_prefers_the_decomposed_form_when_n_and_p_grow():
+    """The literal's tensor-core work and expanded passes grow with N*P; the decomposed
+    form's P-sized work does not grow with N: at a large batch and N it wins."""
+    assert _gpu_choice(512, 256, 256, 14, 14, 32) == "decomposed"
+    t8, t32 = (dispatch.gpu_time_model(256, 512, 512, 7, 7, n, "triton") for n in (8, 32))
+    assert t32["literal"] / t8["literal"] > 3
+    assert t32["decomposed"] / t8["decomposed"] < t32["literal"] / t8["literal"]
+
+
+def test_gpu_model_follows_the_product_dtype_and_tf32_policy():
+    """bfloat16 and TF32 speed the literal's convolutions (tensor cores); IEEE float32
+    products (cudnn TF32 off) slow them, not the exact small algebra."""
+    shape = (256, 512, 512, 7, 7, 8)
+    tf32 = dispatch.gpu_time_model(*shape, "triton", torch.float32, True)
+    ieee = dispatch.gpu_time_model(*shape, "triton", torch.float32, False)
+    bf16 = dispatch.gpu_time_model(*shape, "triton", torch.bfloat16, True)
+    assert bf16["literal"] < tf32["literal"] < ieee["literal"]
+    assert ieee["decomposed"] > tf32["decomposed"]
+
+
+def test_product_dtype_reads_autocast():
+    assert dispatch.product_dtype(torch.float32, "cpu") == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dispatch.product_dtype(torch.float32, "cpu") == torch.bfloat16
+        assert dispatch.product_dtype(torch.float64, "cpu") == torch.float64
+
+
+def test_gpu_choice_is_a_pure_function_of_the_shape():
+    """Every DDP rank with the same per-rank shape makes the same choice."""
+    for shape in [(256, 512, 512, 7, 7, 8), (64, 2048, 1280, 2, 2, 8), (64, 128, 128, 8, 8, 8)]:
+        assert len({_gpu_choice(*shape) for _ in range(3)}) == 1

@@ -65,3 +65,17 @@ def test_print_launch_counts(capsys):
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert literal > 0
+
+
+@pytest.mark.parametrize("path", [("torch", "direct"), ("torch", "decomposed"),
+                                  ("triton", "direct"), ("triton", "decomposed"),
+                                  ("cpp", "direct"), ("cpp", "decomposed")],
+                         ids=lambda p: "-".join(p))
+def test_gpu_model_launch_table_is_the_measured_count(path):
+    """dispatch.LAUNCHES, the launch term of the GPU time model, is what this counter
+    measures: a change of the code's operator count fails here until the table follows."""
+    from norm_fast import dispatch
+    if path not in PATHS:
+        pytest.skip(f"{path[0]} not available here")
+    key = ("torch", "literal") if path == ("torch", "direct") else path
+    assert dispatch.LAUNCHES[key] == _step(*path).total

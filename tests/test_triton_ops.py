@@ -544,15 +544,16 @@ def test_autotuned_launch_glue_on_interpreter(dtype, monkeypatch):
 
 
 def test_gemm_precision_context_sets_and_restores():
+    from norm_fast.ops.spec import gemm_precision
     """The backward's float32 cuBLAS GEMMs follow `precision` on CUDA (the flag is only
     set and restored here: no GPU is needed to check that), and nothing else."""
     flags = torch.backends.cuda.matmul
     before = flags.fp32_precision
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for prec, want in (("tf32", "tf32"), ("ieee", "ieee"), ("tf32x3", "ieee")):
-        with expand_mse._gemm_precision(cuda, torch.float32, prec):
+        with gemm_precision(cuda, torch.float32, prec):
             assert flags.fp32_precision == want
         assert flags.fp32_precision == before
     for device, dtype in ((cpu, torch.float32), (cuda, torch.bfloat16), (cuda, torch.float64)):
-        with expand_mse._gemm_precision(device, dtype, "tf32"):
+        with gemm_precision(device, dtype, "tf32"):
             assert flags.fp32_precision == before

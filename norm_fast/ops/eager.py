@@ -24,7 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .spec import DEFAULT_CHUNK_BYTES, check_store_error, compute_dtype
+from .spec import DEFAULT_CHUNK_BYTES, check_store_error, compute_dtype, gemm_precision
 
 
 def available() -> Tuple[bool, str]:
@@ -59,7 +59,13 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
 
     Two passes (mean, then the centred product), so the covariance does not cancel when
     the mean is large against the spread (post-ReLU features; docs/design.md section 3).
+    Always exact: IEEE float32 products on CUDA whatever the global TF32 flags say.
     """
+    with gemm_precision(x.device, x.dtype, "ieee"):
+        return _moments(x)
+
+
+def _moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     cdt = compute_dtype(x.dtype)
     B, C, L = x.shape
     P = B * L
@@ -82,6 +88,12 @@ def moments_backward(x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
     cov = Xc Xc^T / P, so dX = (G + G^T) Xc / P + g_mean / P   (the dependence through
     the mean in Xc contributes (G + G^T) Xc 1 / P = 0, since Xc sums to zero).
     """
+    with gemm_precision(x.device, mean.dtype, "ieee"):
+        return _moments_backward(x, mean, grad_mean, grad_cov)
+
+
+def _moments_backward(x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
+                      grad_cov: Optional[Tensor]) -> Tensor:
     B, C, L = x.shape
     P = B * L
     cdt = mean.dtype
@@ -95,14 +107,20 @@ def moments_backward(x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
 
 
 def expand_mse_forward(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor],
-                       n: int, store_error: bool,
-                       chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tuple[Tensor, Tensor]:
+                       n: int, store_error: bool, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                       precision: str = "ieee") -> Tuple[Tensor, Tensor]:
     """sum_i ||a_i (x - shift) + b_i - t||^2 over all positions.
 
     Returns (sq, err): sq is a 0-dim tensor in the compute dtype; err is the error
     (B, C_t, L) in the compute dtype when `store_error` (only allowed for n == 1: the
-    decomposed algorithm's one residual), else an empty tensor.
+    decomposed algorithm's one residual), else an empty tensor. precision: of the float32
+    products on CUDA (`spec.PRECISIONS`; cuBLAS: "tf32" or exact).
     """
+    with gemm_precision(x.device, compute_dtype(x.dtype), precision):
+        return _expand_mse_forward(x, t, a, b, shift, n, store_error, chunk_bytes)
+
+
+def _expand_mse_forward(x, t, a, b, shift, n, store_error, chunk_bytes):
     cdt = compute_dtype(x.dtype)
     B, C_s, L = x.shape
     C_t = t.shape[1]
@@ -122,9 +140,10 @@ def expand_mse_forward(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Option
 
 def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
                         shift: Optional[Tensor], n: int, err: Optional[Tensor],
-                        grad_mask: List[bool],
-                        chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tuple[Tensor, ...]:
-    """Gradients of g * expand_mse_forward(...)[0], with g = `grad` (0-dim).
+                        grad_mask: List[bool], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                        precision: str = "ieee") -> Tuple[Tensor, ...]:
+    """Gradients of g * expand_mse_forward(...)[0], with g = `grad` (0-dim), the products
+    in `precision` as in `expand_mse_forward`.
 
     grad_mask = [x, t, a, b, shift]: which gradients are wanted. Returns
     (dx, dt, da, db, dshift); an unwanted one is an empty tensor. dx and dt come in the
@@ -133,6 +152,11 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
         dx = 2g a^T E                         dt = -2g sum_i E_i      dshift = -sum_p dx
     `err` is the stored error (n == 1) or None: then E is recomputed chunk by chunk.
     """
+    with gemm_precision(x.device, compute_dtype(x.dtype), precision):
+        return _expand_mse_backward(grad, x, t, a, b, shift, n, err, grad_mask, chunk_bytes)
+
+
+def _expand_mse_backward(grad, x, t, a, b, shift, n, err, grad_mask, chunk_bytes):
     want_x, want_t, want_a, want_b, want_s = grad_mask
     want_s = want_s and shift is not None
     cdt = compute_dtype(x.dtype)

@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 
 from torch import Tensor
 
-from .spec import DEFAULT_CHUNK_BYTES, check_store_error
+from .spec import DEFAULT_CHUNK_BYTES, check_store_error, compute_dtype, gemm_precision
 
 _CPU_SOURCES = ("bindings.cpp", "cpu/norm_cpu.cpp")
 _CUDA_SOURCES = ("cuda/norm_cuda.cpp", "cuda/norm_kernels.cu")
@@ -228,29 +228,38 @@ class KernelSet:
     def available(self) -> Tuple[bool, str]:
         return available(self.device)
 
+    # The extension's GEMMs are ATen's (cuBLAS on CUDA): `gemm_precision` sets their
+    # float32 precision, exact for the moments, the plan's for the P-sized products.
     def moments(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        return tuple(checked_module(self.device, self.name, x).moments(x))
+        ext = checked_module(self.device, self.name, x)
+        with gemm_precision(x.device, compute_dtype(x.dtype), "ieee"):
+            return tuple(ext.moments(x))
 
     def moments_backward(self, x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
                          grad_cov: Optional[Tensor]) -> Tensor:
         ext = checked_module(self.device, self.name, x, mean, grad_mean, grad_cov)
-        return ext.moments_backward(x, mean, grad_mean, grad_cov)
+        with gemm_precision(x.device, mean.dtype, "ieee"):
+            return ext.moments_backward(x, mean, grad_mean, grad_cov)
 
     def expand_mse_forward(self, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
                            shift: Optional[Tensor], n: int, store_error: bool,
-                           chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tuple[Tensor, Tensor]:
+                           chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                           precision: str = "ieee") -> Tuple[Tensor, Tensor]:
         check_store_error(n, store_error)
         ext = checked_module(self.device, self.name, x, t, a, b, shift)
-        return tuple(ext.expand_mse_forward(x, t, a, b, shift, int(n), bool(store_error),
-                                            int(chunk_bytes)))
+        with gemm_precision(x.device, compute_dtype(x.dtype), precision):
+            return tuple(ext.expand_mse_forward(x, t, a, b, shift, int(n), bool(store_error),
+                                                int(chunk_bytes)))
 
     def expand_mse_backward(self, grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
                             shift: Optional[Tensor], n: int, err: Optional[Tensor],
-                            grad_mask: List[bool],
-                            chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tuple[Tensor, ...]:
+                            grad_mask: List[bool], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                            precision: str = "ieee") -> Tuple[Tensor, ...]:
         ext = checked_module(self.device, self.name, x, t, a, b, shift, err)
-        return tuple(ext.expand_mse_backward(grad, x, t, a, b, shift, int(n), err,
-                                             [bool(m) for m in grad_mask], int(chunk_bytes)))
+        with gemm_precision(x.device, compute_dtype(x.dtype), precision):
+            return tuple(ext.expand_mse_backward(grad, x, t, a, b, shift, int(n), err,
+                                                 [bool(m) for m in grad_mask],
+                                                 int(chunk_bytes)))
 
 
 # The two kernel sets of the extension, registered by name in `norm_fast/dispatch.py`.

@@ -7,10 +7,13 @@ A *kernel set* is an object with five members (the eager PyTorch one is
     available()                                   -> (bool, reason)
     moments(x)                                    -> (mean (C,), cov (C, C))
     moments_backward(x, mean, grad_mean, grad_cov)-> dx (B, C, L)
-    expand_mse_forward(x, t, a, b, shift, n, store_error, chunk_bytes=...)
+    expand_mse_forward(x, t, a, b, shift, n, store_error, chunk_bytes=..., precision=...)
                                                   -> (sq 0-dim, err (B, C_t, L) or empty)
-    expand_mse_backward(grad, x, t, a, b, shift, n, err, grad_mask, chunk_bytes=...)
-                                                  -> (dx, dt, da, db, dshift)
+    expand_mse_backward(grad, x, t, a, b, shift, n, err, grad_mask, chunk_bytes=...,
+                        precision=...)            -> (dx, dt, da, db, dshift)
+
+`moments` and `moments_backward` are always exact (IEEE float32 or float64); the two
+expand_mse functions take their float32 product precision from `precision` (PRECISIONS).
 
 Sizes: x (B, C_s, L) the student positions (a view of f_s (B, C_s, H, W), any strides),
 t (B, C_t, L) the teacher's, P = B * L; a (n*C_t, C_s) the expansion map (segment i is
@@ -20,6 +23,8 @@ returns sum_i ||E_i||^2 (docs/design.md section 4). Every function accumulates i
 compute dtype below; `norm_fast/custom_ops.py` makes them differentiable custom ops.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -31,6 +36,37 @@ DEFAULT_CHUNK_BYTES = 64 * 2**20
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; every other floating dtype accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Input precision of the float32 P-sized products (the ones that replace the literal's 1x1
+# convolutions): "ieee" exact; "tf32" tensor cores, 10-bit mantissa operands; "tf32x3" three
+# TF32 products, about float32 accuracy (Triton's kernels; cuBLAS has none: exact there).
+# CUDA only: on CPU every product is exact. Chosen by `dispatch.resolve_precision`.
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+@contextlib.contextmanager
+def gemm_precision(device: torch.device, dtype: torch.dtype, precision: str):
+    """Within the block, float32 cuBLAS GEMMs on CUDA use `precision`: TF32 for "tf32",
+    exact otherwise, whatever ``torch.backends.cuda.matmul`` says; restored afterwards.
+
+    The precision-sensitive small algebra runs under "ieee" (covariance, spread,
+    variances: docs/design.md section 3), the P-sized products under the plan's policy.
+    The flag is process-wide: a matmul launched by another thread meanwhile sees it too.
+    Only the current API (``fp32_precision``) is read and written; a value set through
+    the legacy ``allow_tf32`` reads through it and stays readable afterwards. Nothing
+    changes for other dtypes or devices.
+    """
+    if device.type != "cuda" or dtype != torch.float32:
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    old = flags.fp32_precision
+    flags.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    try:
+        yield
+    finally:
+        flags.fp32_precision = old
 
 
 def check_store_error(n: int, store_error: bool) -> None:

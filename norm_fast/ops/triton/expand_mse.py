@@ -50,7 +50,6 @@ determinism switch and CUDA-graph capture. The interpreter uses its own large bl
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from typing import List, Optional, Tuple
@@ -61,7 +60,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import launch as tlaunch
-from ..spec import DEFAULT_CHUNK_BYTES, check_store_error, compute_dtype
+from ..spec import DEFAULT_CHUNK_BYTES, check_store_error, compute_dtype, gemm_precision
 
 
 # ---------------------------------------------------------------------------------------
@@ -477,29 +476,6 @@ def _common(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor],
 _HALF = (torch.float16, torch.bfloat16)
 
 
-@contextlib.contextmanager
-def _gemm_precision(device: torch.device, dtype: torch.dtype, precision: str):
-    """Within the block, float32 cuBLAS GEMMs on CUDA use `precision`: TF32 for "tf32",
-    exact ("ieee") otherwise (cuBLAS has no 3xTF32: "tf32x3" gets the exact product),
-    whatever ``torch.backends.cuda.matmul`` says; the setting is restored afterwards.
-
-    The flag is process-wide: a matmul launched by another thread meanwhile sees it too.
-    Only the current API (``fp32_precision``) is read and written; a value set through
-    the legacy ``allow_tf32`` reads through it and stays readable afterwards.
-    Nothing changes for other dtypes or devices.
-    """
-    if device.type != "cuda" or dtype != torch.float32:
-        yield
-        return
-    flags = torch.backends.cuda.matmul
-    old = flags.fp32_precision
-    flags.fp32_precision = "tf32" if precision == "tf32" else "ieee"
-    try:
-        yield
-    finally:
-        flags.fp32_precision = old
-
-
 def _mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """a @ b accumulated and returned in float32 when the operands are 16-bit.
 
@@ -598,7 +574,7 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
 
     `err` (n == 1): the error stored by the forward; then nothing is recomputed.
     precision: as in `expand_mse_forward`, for the recomputing kernel's products and
-    (float32 on CUDA) the cuBLAS GEMMs too (`_gemm_precision`).
+    (float32 on CUDA) the cuBLAS GEMMs too (`gemm_precision`).
     """
     want_x, want_t, want_a, want_b, want_s = grad_mask
     want_s = want_s and shift is not None
@@ -614,7 +590,7 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
     gdt = x.dtype if x.dtype in _HALF else cdt
 
     # The two GEMMs below are cuBLAS's: in float32 they follow `precision` too.
-    with _gemm_precision(dev, x.dtype, precision):
+    with gemm_precision(dev, x.dtype, precision):
         if err is not None:
             return _backward_from_error(g2, x, t, a_k, shift, err, cdt, gdt,
                                         (want_x, want_t, want_a, want_b, want_s), empty)
