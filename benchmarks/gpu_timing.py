@@ -52,35 +52,10 @@ CPU_TIMING = ("DRY_RUN: wall clock of 2 calls after the first call and the memor
 
 def make_step(call: Callable, module: torch.nn.Module, shape, device: torch.device,
               dtype: torch.dtype, pass_: str, autocast_cache: bool = True, inputs=None):
-    """One call of `pass_` as steps.make_step makes it, without the trailing device
-    synchronisation (the CUDA events bracket the work; a sync inside would add the host's
-    wake-up to every time). `inputs`: steps.make_inputs(...) to share between paths (each
-    step drops f_s.grad before its forward); `step.clear()` drops the gradients."""
-    f_s, f_t, grad_f32 = inputs or steps.make_inputs(shape, device, dtype)
-    grads: Dict[torch.dtype, torch.Tensor] = {}
-
-    def forward():
-        if dtype == torch.float32:
-            return call(f_s, f_t)
-        with torch.autocast(device.type, dtype=dtype, cache_enabled=autocast_cache):
-            return call(f_s, f_t)
-
-    def clear():
-        module.zero_grad(set_to_none=True)
-        f_s.grad = None
-
-    def step():
-        if pass_ == "forward":
-            return forward()
-        clear()
-        features, loss = forward()
-        g = grads.get(features.dtype)
-        if g is None:
-            g = grads[features.dtype] = grad_f32.to(features.dtype)
-        torch.autograd.backward((loss, features), (None, g))
-
-    step.clear = clear
-    return step
+    """steps.make_step without the trailing device synchronisation (the CUDA events
+    bracket the work; a sync inside would add the host's wake-up to every time)."""
+    return steps.make_step(call, module, shape, device, dtype, pass_, sync=False,
+                           autocast_cache=autocast_cache, inputs=inputs)
 
 
 def capture_graph(call, module, shape, device, dtype, pass_):

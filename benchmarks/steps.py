@@ -48,10 +48,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def autocast_for(device: torch.device, dtype: torch.dtype):
+def autocast_for(device: torch.device, dtype: torch.dtype, cache: bool = True):
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 1):
@@ -64,17 +64,24 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
 
 
 def make_step(call: Callable, params_module: torch.nn.Module, shape: Shape,
-              device: torch.device, dtype: torch.dtype, pass_: str, seed: int = 1
+              device: torch.device, dtype: torch.dtype, pass_: str, seed: int = 1, *,
+              sync: bool = True, autocast_cache: bool = True, inputs=None
               ) -> Callable[[], object]:
     """The closure timed for one (path, shape, dtype, pass); `step.clear()` drops the
-    gradients left by earlier calls."""
+    gradients left by earlier calls.
+
+    sync: end each call with a device synchronisation (wall-clock timing; CUDA-event
+    timing and graph capture want none); autocast_cache: autocast's weight-cast cache
+    (off for graph capture: a cached cast would be captured once and go stale); inputs:
+    make_inputs(...) to share between paths (each step drops f_s.grad first)."""
     if pass_ not in PASSES:
         raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
-    f_s, f_t, grad_f32 = make_inputs(shape, device, dtype, seed)
+    f_s, f_t, grad_f32 = inputs or make_inputs(shape, device, dtype, seed)
     grads: Dict[torch.dtype, torch.Tensor] = {}
+    done = (lambda: synchronize(device)) if sync else (lambda: None)
 
     def forward():
-        with autocast_for(device, dtype):
+        with autocast_for(device, dtype, autocast_cache):
             return call(f_s, f_t)
 
     def clear():
@@ -85,7 +92,7 @@ def make_step(call: Callable, params_module: torch.nn.Module, shape: Shape,
     if pass_ == "forward":
         def step():
             out = forward()
-            synchronize(device)
+            done()
             return out
         step.clear = clear
         return step
@@ -97,6 +104,6 @@ def make_step(call: Callable, params_module: torch.nn.Module, shape: Shape,
         if g is None:
             g = grads[features.dtype] = grad_f32.to(features.dtype)
         torch.autograd.backward((loss, features), (None, g))
-        synchronize(device)
+        done()
     step.clear = clear
     return step
