@@ -340,7 +340,7 @@ def gpu_kernel_builds(dtype, precision="ieee", L=49):
                              "s_ptr", "cov_ptr", "sum_ptr")}
     ptrs.update(x_ptr=io, t_ptr=io, dt_ptr=io, a_ptr=gemm, e_ptr=gemm, xc_ptr=gemm)
     rnd, dot, prec = _triton_launch.dot_dtypes(dtype, False, precision)
-    common = dict(L=L, X_CONTIG=True, T_CONTIG=True, HAS_SHIFT=True,
+    common = dict(L=L, X_CONTIG=True, T_CONTIG=True, HAS_SHIFT=not half,  # as launched
                   ACC=_triton_launch.tl_dtype(cdt), RND=rnd, DOT=dot, PREC=prec)
     kernels = {
         "fwd": (expand_mse._expand_mse_fwd_kernel, dict(STORE_ERR=True)),
@@ -357,7 +357,9 @@ def gpu_kernel_builds(dtype, precision="ieee", L=49):
                        dict(common, X_RESIDENT=resident, **flags, **blocks), warps, stages)
     # the moments kernel accumulates in float64 whatever the input (moments.py)
     bi, bj, bpm, _, warps_m = moments_mod._blocks(10**6, 512, False)
-    mptrs = dict(ptrs, s_ptr="*fp64", cov_ptr="*fp64", sum_ptr="*fp64")
+    # (16-bit x is widened to float32 before this kernel: moments.moments)
+    mptrs = dict(ptrs, x_ptr="*fp32" if half else io, s_ptr="*fp64", cov_ptr="*fp64",
+                 sum_ptr="*fp64")
     yield (f"moments {bi}x{bj}x{bpm} w{warps_m} s2", moments_mod._moments_kernel, mptrs,
            dict(ACC=_triton_launch.tl_dtype(torch.float64), PREC="ieee", BLOCK_I=bi,
                 BLOCK_J=bj, BLOCK_P=bpm), warps_m, 2)

@@ -125,6 +125,23 @@ def _segment_error(x_ptr, a_ptr, b_ptr, shift_ptr, x_res, rows, mask_c, x_col, m
 
 
 @triton.jit
+def _tile(p0, n_pos, C_t, sxb, sxl, stb, stl, L: tl.constexpr, X_CONTIG: tl.constexpr,
+          T_CONTIG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile: positions p0 + q, q in [pid_p*BLOCK_P, +BLOCK_P) of n_pos, and
+    teacher channels c in [pid_c*BLOCK_C, +BLOCK_C) of C_t. Returns q, c64 (int64), the
+    masks of q, c and of the (BLOCK_C, BLOCK_P) tile, (b, l) of each position and the
+    offsets of x[b, 0, l] and t[b, 0, l] (int64: batch stride * B can pass 2**31)."""
+    q = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_q = q < n_pos
+    mask_c = c < C_t
+    bi, li, x_col = _positions(p0 + q, L, sxb, sxl, X_CONTIG)
+    _, _, t_col = _positions(p0 + q, L, stb, stl, T_CONTIG)
+    return (q, c.to(tl.int64), mask_q, mask_c, mask_c[:, None] & mask_q[None, :], bi, li,
+            x_col, t_col)
+
+
+@triton.jit
 def _positions(pos, L: tl.constexpr, sb, sl, L_CONTIG: tl.constexpr):
     """(b, l) of flat positions pos = b*L + l, and the offsets b*sb + l*sl (int64).
 
@@ -171,15 +188,8 @@ def _expand_mse_fwd_kernel(
     """
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_p = p < P
-    mask_c = c < C_t
-    mask_cp = mask_c[:, None] & mask_p[None, :]
-    # int64 offsets: batch stride * B can pass 2**31 for large feature maps.
-    bi, li, x_col = _positions(p, L, sxb, sxl, X_CONTIG)  # x_col: offset of x[b, 0, l]
-    _, _, t_col = _positions(p, L, stb, stl, T_CONTIG)
-    c64 = c.to(tl.int64)
+    _, c64, mask_p, mask_c, mask_cp, bi, li, x_col, t_col = _tile(
+        0, P, C_t, sxb, sxl, stb, stl, L, X_CONTIG, T_CONTIG, BLOCK_P, BLOCK_C)
 
     # The teacher tile is read once and compared with all n segments.
     t_tile = tl.load(t_ptr + c64[:, None] * stc + t_col[None, :], mask=mask_cp,
@@ -233,16 +243,9 @@ def _expand_mse_bwd_err_kernel(
                        the teacher tile is loaded once for all segments.
     Other arguments as in `_expand_mse_fwd_kernel`.
     """
-    pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
-    q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_q = q < Pc
-    mask_c = c < C_t
-    mask_cq = mask_c[:, None] & mask_q[None, :]
-    bi, li, x_col = _positions(p0 + q, L, sxb, sxl, X_CONTIG)
-    _, _, t_col = _positions(p0 + q, L, stb, stl, T_CONTIG)
-    c64 = c.to(tl.int64)
+    q, c64, mask_q, mask_c, mask_cq, bi, li, x_col, t_col = _tile(
+        p0, Pc, C_t, sxb, sxl, stb, stl, L, X_CONTIG, T_CONTIG, BLOCK_P, BLOCK_C)
     q64 = q.to(tl.int64)
 
     if X_RESIDENT:

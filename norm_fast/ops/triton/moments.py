@@ -133,6 +133,11 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     # over P positions is where a float32 covariance loses most, and on sm_90 a float64
     # dot (DMMA) runs at the float32 FMA rate the "ieee" dot would use anyway.
     acc = torch.float64
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # Widened first (exact; one pass over C x P values): Triton 3.6, the GPU machine's,
+        # cannot compile a float64 dot of 16-bit loads for sm_90 ("fp64 don't support
+        # largeK MMA"; benchmarks/register_table.py run with Triton 3.6 shows it).
+        x = x.float()
     s = x.sum(dim=(0, 2), dtype=acc) / P                  # the shift: the mean
     bi, bj, bp, splits, warps = _blocks(P, C, interpreted)
     span = tlaunch.cdiv(tlaunch.cdiv(P, splits), bp) * bp
