@@ -146,12 +146,16 @@ class Expansion:
     """Y = A (X - shift) + b for the N*C_t expanded channels (X in the coordinates of
     `Moments.x`), plus, for the decomposed loss, Abar (C_t, C) the mean of the n segment
     maps and spread = sum_i <D_i S_local, D_i> with D_i = A_i - Abar (docs/design.md
-    section 4); Abar and spread are None when not asked for."""
+    section 4); Abar and spread are None when not asked for. Yc (N*C_t, P): the centred
+    expanded data diag(a1) W1 (X - shift), columns p = b*L + l, when the statistics came
+    from the data (`data_expansion`, P <= C_s): the contraction then takes the literal's
+    order, W2 Yc, rather than the folded map W2 A (docs/design.md section 3)."""
     A: Tensor
     b: Tensor
     shift: Optional[Tensor]
     Abar: Optional[Tensor] = None
     spread: Optional[Tensor] = None
+    Yc: Optional[Tensor] = None
 
 
 def matrix_spread(A: Tensor, AS: Tensor, n: int) -> Tuple[Tensor, Tensor]:
@@ -254,24 +258,26 @@ def bn_expansion(W1: Tensor, S: Optional[Tensor], scale: Tensor, eps: float, bat
 
 
 def data_expansion(W1: Tensor, xc: Tensor, gamma: Tensor, eps: float, n_spread: int):
-    """(A, Abar, var1, spread) of a training-mode BatchNorm from the centred data itself.
+    """(A, Abar, var1, spread, Yc) of a training-mode BatchNorm from the centred data itself.
 
     xc (C, P) with P <= C: Z = W1 xc (O x P) costs no more than W1 S (O x C), and every
     statistic is a sum of squares of Z, so it is non-negative and as accurate as the
     literal's (docs/design.md section 3): var1 = |Z_o|^2 / P and
-    spread = |a1 Z - mean_i(a1 Z)|^2 / P (elementwise deviations). Plain autograd."""
+    spread = |a1 Z - mean_i(a1 Z)|^2 / P (elementwise deviations); Yc = a1 Z, the
+    normalised centred data (O x P). Plain autograd."""
     O, C = W1.shape
     P = xc.shape[1]
     Z = W1 @ xc
     var1 = Z.square().sum(1) / P
     a1 = gamma * torch.rsqrt(var1 + eps)
     A = W1 * a1[:, None]
+    Yc = Z * a1[:, None]
     if not n_spread:
-        return A, A.new_empty(0), var1, A.new_zeros(())
+        return A, A.new_empty(0), var1, A.new_zeros(()), Yc
     n = n_spread
-    AZ = (Z * a1[:, None]).view(n, O // n, P)
+    AZ = Yc.view(n, O // n, P)
     spread = (AZ - AZ.mean(0)).square().sum() / P
-    return A, A.view(n, O // n, C).mean(0), var1, spread
+    return A, A.view(n, O // n, C).mean(0), var1, spread, Yc
 
 
 def batch_expansion(W1: Tensor, bn: nn.Module, state: BNState, mom: Moments, n_spread: int,
@@ -288,9 +294,10 @@ def batch_expansion(W1: Tensor, bn: nn.Module, state: BNState, mom: Moments, n_s
         eps = eps / mom.scale.to(W1.dtype).square()   # BN(W1 X) = BN_{eps/s^2}(W1 X/s)
     O, C = W1.shape
     P = mom.x.shape[0] * mom.x.shape[2]
+    Yc = None
     if not synced and P <= C:
         xc = (mom.x.to(W1.dtype) - mom.mean[None, :, None]).permute(1, 0, 2).reshape(C, P)
-        A, Abar, var1, spread = data_expansion(W1, xc, gamma, eps, n_spread)
+        A, Abar, var1, spread, Yc = data_expansion(W1, xc, gamma, eps, n_spread)
     else:
         A, Abar, var1, spread = _BNExpansion.apply(W1, mom.cov, gamma, eps, True,
                                                    0 if synced else n_spread)
@@ -300,7 +307,7 @@ def batch_expansion(W1: Tensor, bn: nn.Module, state: BNState, mom: Moments, n_s
         mean = mom.mean if mom.origin is None else mom.mean + mom.origin
         update_running(bn, state, W1 @ mean, var1, mom.count, mom.scale)
     return Expansion(A, beta, mom.mean, Abar if n_spread else None,
-                     spread if n_spread else None)
+                     spread if n_spread else None, Yc)
 
 
 def fixed_expansion(W1: Tensor, bn: Optional[nn.Module], mom: Optional[Moments],

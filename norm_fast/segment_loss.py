@@ -9,6 +9,10 @@ custom op `expand_mse` and both free of any n*C_t*P tensor:
                        plus P * (the spread of the segments about their mean), exact for
                        any centre c; the P-sized work does not depend on n.
 
+    data_sq_sum        when the expanded data is at hand anyway (training BatchNorm with
+                       P <= C_s: `algebra.data_expansion`), the literal comparison itself
+                       on it (N*C_t x P elements, no more than the weight W1 holds).
+
 The loss itself is the sum divided by C_t * P (and by n for segment_reduction="mean").
 """
 from __future__ import annotations
@@ -25,6 +29,17 @@ def direct_sq_sum(x: Tensor, t: Tensor, exp: Expansion, n: int, backend: str,
     t (B, C_t, L), by the fused direct pass (its products in `precision`)."""
     sq, _ = custom_ops.expand_mse(x, t, exp.A, exp.b, exp.shift, n, False, backend, precision)
     return sq
+
+
+def data_sq_sum(t: Tensor, exp: Expansion, n: int) -> Tensor:
+    """sum_i ||Yc_i + b_i - t||^2 from the centred expanded data exp.Yc (n*C_t, P),
+    t (B, C_t, L): the literal's order of operations. On a rank-deficient batch the
+    folded map A has rows scaled by up to gamma/sqrt(eps) whose products cancel; the
+    data does not (docs/design.md section 3)."""
+    B, C_t, L = t.shape
+    T = t.permute(1, 0, 2).reshape(C_t, B * L).to(exp.Yc.dtype)
+    E = exp.Yc.view(n, C_t, B * L) + exp.b.view(n, C_t, 1) - T
+    return E.square().sum()
 
 
 def decomposed_sq_sum(mom: Moments, t: Tensor, exp: Expansion, n: int, backend: str,
