@@ -341,7 +341,20 @@ def _batch_norm_centred(uc: Tensor, centre: Tensor, bn2: nn.Module, st2: algebra
     the data, never negative; one fused backward; the result does not depend on the
     centre), and the running statistics, those of uc + centre, are updated here as
     nn.BatchNorm2d would."""
-    if st2.update:
+    f = st2.factor
+    if st2.update and not isinstance(f, Tensor) and f < 1 and \
+            bn2.running_mean.dtype == uc.dtype:
+        # One pass: batch_norm updates the running statistics with uc's (the variance is
+        # that of uc + centre) after the running mean is moved by f/(1-f) centre, so that
+        # (1-f) rm' + f mean(uc) = (1-f) rm + f (mean(uc) + centre). (Moved before the op:
+        # it saves the buffer for its backward.)
+        if bn2.num_batches_tracked is not None:
+            bn2.num_batches_tracked.add_(1)
+        with torch.no_grad():
+            bn2.running_mean.add_(centre.detach() * (f / (1 - f)))
+        return F.batch_norm(uc, bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias,
+                            True, f, bn2.eps)
+    if st2.update:  # a tensor factor (momentum=None) or other dtypes: no host read
         with torch.no_grad():
             m = uc.mean(dim=(0, 2, 3))
             v = (uc.square().mean(dim=(0, 2, 3)) - m.square()).clamp_min(0)
