@@ -337,27 +337,17 @@ class NORM(nn.Module):
 def _batch_norm_centred(uc: Tensor, centre: Tensor, bn2: nn.Module, st2: algebra.BNState
                         ) -> Tensor:
     """Training BatchNorm of contract(Y) = uc + centre, given uc (B, C_s, H, W) centred
-    near its batch mean: the literal's own batch_norm op normalises uc (statistics from
-    the data, never negative; one fused backward; the result does not depend on the
-    centre), and the running statistics, those of uc + centre, are updated here as
-    nn.BatchNorm2d would."""
-    f = st2.factor
-    if st2.update and not isinstance(f, Tensor) and f < 1 and \
-            bn2.running_mean.dtype == uc.dtype:
-        # One pass: batch_norm updates the running statistics with uc's (the variance is
-        # that of uc + centre) after the running mean is moved by f/(1-f) centre, so that
-        # (1-f) rm' + f mean(uc) = (1-f) rm + f (mean(uc) + centre). (Moved before the op:
-        # it saves the buffer for its backward.)
-        if bn2.num_batches_tracked is not None:
-            bn2.num_batches_tracked.add_(1)
+    near its batch mean: the literal's own batch_norm kernel normalises uc (statistics
+    from the data, never negative; one fused backward; the result does not depend on the
+    centre) and returns the batch mean and 1/sqrt(var + eps) it used, from which the
+    running statistics of uc + centre are updated as nn.BatchNorm2d would: one pass
+    over uc, no running buffer handed to the op (it would save them for its backward,
+    and the next forward's update would invalidate that)."""
+    out, mean, invstd = torch.ops.aten._native_batch_norm_legit.no_stats(
+        uc, bn2.weight, bn2.bias, True, 0.0, bn2.eps)
+    if st2.update:
         with torch.no_grad():
-            bn2.running_mean.add_(centre.detach() * (f / (1 - f)))
-        return F.batch_norm(uc, bn2.running_mean, bn2.running_var, bn2.weight, bn2.bias,
-                            True, f, bn2.eps)
-    if st2.update:  # a tensor factor (momentum=None) or other dtypes: no host read
-        with torch.no_grad():
-            m = uc.mean(dim=(0, 2, 3))
-            v = (uc.square().mean(dim=(0, 2, 3)) - m.square()).clamp_min(0)
-            algebra.update_running(bn2, st2, centre + m, v,
+            var = (invstd.pow(-2) - bn2.eps).clamp_min(0)
+            algebra.update_running(bn2, st2, centre + mean, var,
                                    uc.shape[0] * uc.shape[2] * uc.shape[3])
-    return F.batch_norm(uc, None, None, bn2.weight, bn2.bias, True, 0.0, bn2.eps)
+    return out
