@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.9.0
 
-.PHONY: venv test bench bench-deps bench-suite gpu-check cuda-check clean
+.PHONY: venv test bench bench-deps bench-suite gpu-check cuda-check triton-compat clean
 
 # Last step: the package with the extras test + triton (pytest, pytest-benchmark, numpy,
 # scikit-learn; triton is already there), without build isolation so that the C++
@@ -53,6 +53,15 @@ DRY_RUN ?= 0
 OUT ?=
 gpu-check:
 	DRY_RUN="$(DRY_RUN)" OUT="$(OUT)" bash benchmarks/gpu_check.sh
+
+# The Triton kernels compiled for sm_90 (no GPU needed) with Triton 3.6, the GPU machine's,
+# installed apart from the venv's Triton: a build that fails or spills there fails here.
+TRITON_GPU_VERSION ?= 3.6.0
+TRITON_GPU_DIR ?= build/triton-gpu-machine
+triton-compat: venv
+	$(PY) -c "import sys; sys.path.insert(0, '$(TRITON_GPU_DIR)'); import triton; assert triton.__version__ == '$(TRITON_GPU_VERSION)'" 2>/dev/null || \
+		$(PY) -m pip install -q --no-deps --upgrade --target $(TRITON_GPU_DIR) "triton==$(TRITON_GPU_VERSION)"
+	PYTHONPATH=$(TRITON_GPU_DIR) $(PY) -m benchmarks.register_table --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info
