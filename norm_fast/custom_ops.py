@@ -136,3 +136,46 @@ def _expand_mse_bwd(ctx, grad_sq, grad_err):
 
 
 expand_mse.register_autograd(_expand_mse_bwd, setup_context=_expand_mse_setup)
+
+
+# --- the expansion's small algebra (norm_fast/train_step.py) ----------------------------
+# Not differentiable themselves: the fused training step's backward calls the second.
+@torch.library.custom_op("norm_fast::expansion_forward", mutates_args=())
+def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
+                      mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
+                      n: int, decomposed: bool, backend: str) -> List[Tensor]:
+    """(a1, r1, A, mean1, var1u, Abar, ASbar, bbar, db, part): `ops/eager.expansion_forward`."""
+    return list(_kernels(backend).expansion_forward(W1, W1S, gamma, beta, origin, mean, sigma,
+                                                    inv, eps, unbias, n, decomposed))
+
+
+@expansion_forward.register_fake
+def _expansion_forward_fake(W1, W1S, gamma, beta, origin, mean, sigma, inv, eps, unbias, n,
+                            decomposed, backend):
+    O, C = W1.shape
+    T = O // n
+    vec = [W1.new_empty((O,)) for _ in range(2)]
+    if decomposed:
+        rest = [W1.new_empty((T, C)), W1.new_empty((T, C)), W1.new_empty((T,)),
+                W1.new_empty((O,)), W1.new_empty((T,))]
+    else:
+        rest = [W1.new_empty((0,)) for _ in range(5)]
+    return [*vec, W1.new_empty((O, C)), W1.new_empty((O,)), W1.new_empty((O,)), *rest]
+
+
+@torch.library.custom_op("norm_fast::expansion_backward", mutates_args=())
+def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor, gl: Tensor,
+                       W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor, Abar: Tensor,
+                       ASbar: Tensor, db: Tensor, P: int, n: int, decomposed: bool,
+                       backend: str) -> List[Tensor]:
+    """(gW1, gW1S, ggamma, gbeta): `ops/eager.expansion_backward`."""
+    return list(_kernels(backend).expansion_backward(gA, gA2, gAbar, gbbar, gl, W1, W1S, a1,
+                                                     r1, Abar, ASbar, db, P, n, decomposed))
+
+
+@expansion_backward.register_fake
+def _expansion_backward_fake(gA, gA2, gAbar, gbbar, gl, W1, W1S, a1, r1, Abar, ASbar, db, P,
+                             n, decomposed, backend):
+    O, C = W1.shape
+    return [W1.new_empty((O, C)), W1.new_empty((O, C)), W1.new_empty((O,)),
+            W1.new_empty((O,) if decomposed else (0,))]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _checks, algebra, custom_ops, dispatch, distributed, segment_loss
+from . import _checks, algebra, custom_ops, dispatch, distributed, segment_loss, train_step
 from .ops.spec import compute_dtype, gemm_precision
 from .reference import reference_forward
 
@@ -147,6 +147,8 @@ class NORM(nn.Module):
                  sync=None, precision: str = "ieee"):
         """FT and loss from the moments of f_s (docs/design.md sections 3-4); nothing of
         size N*C_t*P. Y = A (X - shift) + b; features = contraction of Y (+ f_s)."""
+        if train_step.eligible(self, f_s, f_t, sync):
+            return train_step.run(self, f_s, f_t, backend, algorithm, precision)
         n, C_t = self.n, self.teacher_channels
         cdt = compute_dtype(f_s.dtype)
         W1 = self.expand.weight.reshape(n * C_t, -1).to(cdt)

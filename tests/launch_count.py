@@ -20,7 +20,9 @@ here and two or three kernels there; a cuBLAS GEMM is one of each).
 - runs the bodies of norm_fast's custom ops under itself, so what they call is counted
   (the custom op itself is not: it launches nothing of its own);
 - counts each call of `norm_fast.ops.triton.launch.launch` (Triton kernels; under the
-  interpreter on CPU tensors, where no ATen operator sees them).
+  interpreter on CPU tensors, where no ATen operator sees them) as one operation, and
+  nothing the interpreter does inside it (its copies of the arguments to and from the
+  host do not exist on CUDA).
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ class LaunchCounter(TorchDispatchMode):
         self.by_op: Counter[str] = collections.Counter()
         self._launch = None
         self._depth = 0
+        self._in_launch = 0
 
     @property
     def triton(self) -> int:
@@ -90,7 +93,11 @@ class LaunchCounter(TorchDispatchMode):
             def counted(kernel, *args, **kwargs):
                 fn = getattr(kernel, "fn", kernel)
                 self.by_op["triton:" + getattr(fn, "__name__", str(fn))] += 1
-                return original(kernel, *args, **kwargs)
+                self._in_launch += 1
+                try:
+                    return original(kernel, *args, **kwargs)
+                finally:
+                    self._in_launch -= 1
 
             triton_launch.launch = counted
         self._depth += 1
@@ -104,6 +111,10 @@ class LaunchCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self._in_launch:
+            # The interpreter's copies of a kernel's arguments to and from the host: on
+            # CUDA the launch is the one operation, counted above.
+            return func(*args, **kwargs)
         if func.namespace == "norm_fast":
             # Run the op's Python body under this mode so its inner ops are counted.
             body = getattr(custom_ops, func._opname)._init_fn

@@ -198,3 +198,73 @@ def _expand_mse_backward(grad, x, t, a, b, shift, n, err, grad_mask, chunk_bytes
         db * g2 if want_b else empty,
         dshift,
     )
+
+
+# --- the expansion's small algebra (the fused training step, norm_fast/train_step.py) ----
+def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
+                      mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
+                      n: int, decomposed: bool) -> Tuple[Tensor, ...]:
+    """The training-mode BatchNorm'd expansion from W1 (O, C) and W1 S (O, C), S the
+    covariance of the centred positions xc = (x - origin) / sigma, mean their mean
+    (docs/design.md sections 3-5, 8). eps is the BatchNorm's (divided by sigma^2 here),
+    unbias = P / (P - 1). Returns
+        a1 (O,)  = gamma / sqrt(var1 + eps / sigma^2), var1 = rowdot(W1 S, W1) clamped >= 0
+        r1 (O,)  = 1 / sqrt(var1 + eps / sigma^2)
+        A (O, C) = diag(a1) W1
+        mean1 (O,), var1u (O,): the batch mean W1 (origin + sigma mean) and unbiased
+                  variance sigma^2 var1 unbias, for the running statistics
+    and with `decomposed` (else empty tensors)
+        Abar, ASbar (C_t, C): means over the n segments of A and of diag(a1) W1 S
+        bbar (C_t,), db (O,): beta's mean over the segments and its deviations
+        part (C_t,): per teacher row j, sum_i <A_i - Abar, (a1 W1 S)_i - ASbar>_j + db_ij^2
+                   (the caller sums them: the spread plus the biases' spread)
+    Elementwise deviations, never a difference of totals (section 5)."""
+    var1 = torch.linalg.vecdot(W1S, W1).clamp_min(0)
+    r1 = torch.rsqrt(var1 + eps * inv * inv)
+    a1 = gamma * r1
+    A = W1 * a1[:, None]
+    mean1 = W1 @ torch.addcmul(origin, mean, sigma)
+    var1u = var1 * (sigma * unbias) * sigma
+    if not decomposed:
+        return (a1, r1, A, mean1, var1u, *(W1.new_empty((0,)) for _ in range(5)))
+    O, C = W1.shape
+    A3 = A.view(n, O // n, C)
+    Abar = A3.mean(0)
+    AS3 = (W1S * a1[:, None]).view(n, O // n, C)
+    ASbar = AS3.mean(0)
+    b2 = beta.view(n, O // n)
+    bbar = b2.mean(0)
+    db = (b2 - bbar).reshape(O)
+    part = ((A3 - Abar) * (AS3 - ASbar)).sum(dim=(0, 2)) + (b2 - bbar).square().sum(0)
+    return a1, r1, A, mean1, var1u, Abar, ASbar, bbar, db, part
+
+
+def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor, gl: Tensor,
+                       W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor, Abar: Tensor,
+                       ASbar: Tensor, db: Tensor, P: int, n: int, decomposed: bool
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of `expansion_forward` (docs/design.md section 8).
+
+    gA (O, C): the gradient of A from the contraction (W2^T g_K); gA2 (O, C) or empty:
+    another one (the direct loss's); gAbar (C_t, C), gbbar (C_t,): the decomposed loss's
+    residual gradients (empty otherwise); gl (0-dim): the loss gradient divided by C_t P,
+    so the spread P (spread + ||db||^2) has gradient P gl. Returns (gW1 (O, C),
+    gW1S (O, C) the gradient of the product W1 S (the caller forms g_S = W1^T gW1S),
+    ggamma (O,), gbeta (O,) or empty when not decomposed)."""
+    O, C = W1.shape
+    G = gA if gA2.numel() == 0 else gA + gA2
+    gb = W1.new_empty((0,))
+    g_sp = gl * (2 * P)
+    if decomposed:
+        T = O // n
+        DS = (W1S * a1[:, None]).view(n, T, C) - ASbar
+        G = (G.view(n, T, C) + gAbar / n + DS * g_sp).view(O, C)
+        gb = (gbbar / n + db.view(n, T) * g_sp).reshape(O)
+    ga1 = torch.linalg.vecdot(G, W1)
+    gvar = ga1 * a1 * r1 * r1 * -0.5
+    gW1 = G * a1[:, None] + (2 * gvar)[:, None] * W1S
+    gW1S = W1 * gvar[:, None]
+    if decomposed:
+        D = (W1 * a1[:, None]).view(n, O // n, C) - Abar
+        gW1S = gW1S + D.view(O, C) * (gl * P * a1)[:, None]
+    return gW1, gW1S, ga1 * r1, gb

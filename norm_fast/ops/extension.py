@@ -30,6 +30,7 @@ from typing import List, Optional, Tuple
 
 from torch import Tensor
 
+from . import eager
 from .spec import DEFAULT_CHUNK_BYTES, check_store_error, compute_dtype, gemm_precision
 
 _CPU_SOURCES = ("bindings.cpp", "cpu/norm_cpu.cpp")
@@ -234,6 +235,11 @@ class KernelSet:
         ext = checked_module(self.device, self.name, x)
         with gemm_precision(x.device, compute_dtype(x.dtype), "ieee"):
             return tuple(ext.moments(x))
+
+    # The fused training step's small algebra (O x C elementwise work): ATen's ops, no
+    # kernel of the extension's own (docs/design.md section 8).
+    expansion_forward = staticmethod(eager.expansion_forward)
+    expansion_backward = staticmethod(eager.expansion_backward)
 
     def moments_backward(self, x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
                          grad_cov: Optional[Tensor]) -> Tensor:

@@ -4,6 +4,8 @@
     moments_backward(x, mean, gm, gc)   -> dx               the eager GEMM (cuBLAS does it best)
     expand_mse_forward(...)             -> (sq, err)        expand_mse.py (fused kernel)
     expand_mse_backward(...)            -> (dx, dt, da, db, dshift)   expand_mse.py
+    expansion_forward(...), expansion_backward(...)   the small algebra of the fused
+                                        training step, one kernel each: expansion.py
 
 CUDA tensors run compiled kernels; CPU tensors run the same kernels under Triton's
 interpreter (slow, for tests and debugging; `TRITON_INTERPRET` need not be set).
@@ -32,7 +34,7 @@ class TritonKernels:
             try:
                 import triton
 
-                from . import expand_mse, moments  # noqa: F401  (defines the kernels)
+                from . import expand_mse, expansion, moments  # noqa: F401  (the kernels)
                 self._state = (True, f"triton {triton.__version__}")
             except Exception as exc:  # ImportError, or a Triton too old for the kernels
                 self._state = (False, f"triton unusable: {type(exc).__name__}: {exc}")
@@ -60,3 +62,16 @@ class TritonKernels:
 
 
 KERNELS = TritonKernels()
+
+
+def _member(module: str, name: str):
+    def call(self, *args, **kwargs):
+        self._require()
+        import importlib
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)(*args, **kwargs)
+    call.__name__ = name
+    return call
+
+
+TritonKernels.expansion_forward = _member("expansion", "expansion_forward")
+TritonKernels.expansion_backward = _member("expansion", "expansion_backward")

@@ -1,0 +1,267 @@
+"""Triton kernels of the expansion's small algebra: the BatchNorm'd map A = diag(a1) W1,
+its statistics and the decomposed loss's spread, forward and backward, one launch each.
+
+Contract (the eager reading copy is `norm_fast/ops/eager.py`: `expansion_forward`,
+`expansion_backward`). O = n*C_t rows, C = C_s columns; row i*C_t + j is row j of
+segment i. Every matrix is (O, C) or (C_t, C), contiguous, in the compute dtype.
+
+Why kernels: written as PyTorch ops this is about 25 elementwise passes and reductions
+over O x C matrices forward and 15 backward, each a launch of a few microseconds on a GPU
+for microseconds of work (issue 11, docs/design.md section 8). The work is O(n C_t C)
+loads; a program owns BLOCK_R teacher rows j for all n segments, so the means over the
+segments (Abar, the mean of a1 W1 S) are complete inside the program and nothing is
+combined across programs except the spread's partial sums (one per teacher row, summed
+by the caller: deterministic).
+
+Within a program, values written in one phase and read in the next (a1 after the
+variance pass) go through global memory with a CTA barrier between (`tl.debug_barrier`:
+bar.sync makes a block's global writes visible to the whole block).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import launch as tlaunch
+
+
+@triton.jit
+def _rsqrt(x):
+    """1 / sqrt(x) correctly rounded in float32 (sqrt.rn, div.rn: not the approximate
+    instructions), exact float64 otherwise."""
+    if x.dtype == tl.float64:
+        return 1.0 / tl.sqrt(x)
+    else:
+        return tl.div_rn(tl.full(x.shape, 1.0, x.dtype), tl.sqrt_rn(x))
+
+
+@triton.jit
+def _expansion_fwd_kernel(
+    w_ptr, ws_ptr, g_ptr, b_ptr, o_ptr, m_ptr, sig_ptr, inv_ptr,
+    a1_ptr, r1_ptr, A_ptr, mean1_ptr, var1u_ptr, abar_ptr, asbar_ptr, bbar_ptr, db_ptr,
+    part_ptr,
+    C, C_t, n, eps, unbias,
+    DECOMP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program pid: teacher rows j in [pid*BLOCK_R, +BLOCK_R), every segment.
+
+    w_ptr W1, ws_ptr W1 S (O, C); g_ptr, b_ptr gamma1, beta1 (O,); o_ptr origin (C,),
+    m_ptr the mean of the centred positions (C,), sig_ptr / inv_ptr sigma, 1/sigma (0-dim).
+    Phase 1 (per segment, over C): var1 = rowdot(W1 S, W1) >= 0, r1 = 1/sqrt(var1 + eps
+    / sigma^2), a1 = gamma1 r1; the new running mean W1 (o + sigma m) and running
+    variance sigma^2 var1 P/(P-1) (unbias). Phase 2 (per C slab, segments inside):
+    A = a1 W1, and with DECOMP Abar, ASbar (the means over the segments of A and of
+    a1 W1 S), then sum_i <A_i - Abar, a1 W1 S_i - ASbar> elementwise; beta1's mean bbar
+    and deviations db; part_ptr[j] = the spread's and ||db||^2's share of teacher row j.
+    """
+    pid = tl.program_id(0)
+    j = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    mj = j < C_t
+    sig = tl.load(sig_ptr)
+    inv = tl.load(inv_ptr)
+    eps_eff = eps * inv * inv
+    for i in range(n):
+        rows = (i * C_t + j).to(tl.int64)
+        var = tl.zeros((BLOCK_R,), dtype=sig.dtype)
+        mu = tl.zeros((BLOCK_R,), dtype=sig.dtype)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            mc = c < C
+            mk = mj[:, None] & mc[None, :]
+            off = rows[:, None] * C + c[None, :]
+            w = tl.load(w_ptr + off, mask=mk, other=0.0)
+            ws = tl.load(ws_ptr + off, mask=mk, other=0.0)
+            z = tl.load(o_ptr + c, mask=mc, other=0.0) + tl.load(m_ptr + c, mask=mc,
+                                                                 other=0.0) * sig
+            var += tl.sum(w * ws, axis=1)
+            mu += tl.sum(w * z[None, :], axis=1)
+        var = tl.maximum(var, 0.0)
+        r = _rsqrt(var + eps_eff)
+        g = tl.load(g_ptr + rows, mask=mj, other=0.0)
+        tl.store(a1_ptr + rows, g * r, mask=mj)
+        tl.store(r1_ptr + rows, r, mask=mj)
+        tl.store(mean1_ptr + rows, mu, mask=mj)
+        tl.store(var1u_ptr + rows, var * (sig * unbias) * sig, mask=mj)
+    tl.debug_barrier()
+
+    part = tl.zeros((BLOCK_R,), dtype=sig.dtype)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mk = mj[:, None] & (c < C)[None, :]
+        abar = tl.zeros((BLOCK_R, BLOCK_C), dtype=sig.dtype)
+        asbar = tl.zeros((BLOCK_R, BLOCK_C), dtype=sig.dtype)
+        for i in range(n):
+            rows = (i * C_t + j).to(tl.int64)
+            off = rows[:, None] * C + c[None, :]
+            a = tl.load(a1_ptr + rows, mask=mj, other=0.0)
+            ai = a[:, None] * tl.load(w_ptr + off, mask=mk, other=0.0)
+            tl.store(A_ptr + off, ai, mask=mk)
+            if DECOMP:
+                abar += ai
+                asbar += a[:, None] * tl.load(ws_ptr + off, mask=mk, other=0.0)
+        if DECOMP:
+            abar = abar / n
+            asbar = asbar / n
+            moff = j.to(tl.int64)[:, None] * C + c[None, :]
+            tl.store(abar_ptr + moff, abar, mask=mk)
+            tl.store(asbar_ptr + moff, asbar, mask=mk)
+            for i in range(n):
+                rows = (i * C_t + j).to(tl.int64)
+                off = rows[:, None] * C + c[None, :]
+                a = tl.load(a1_ptr + rows, mask=mj, other=0.0)
+                d = a[:, None] * tl.load(w_ptr + off, mask=mk, other=0.0) - abar
+                ds = a[:, None] * tl.load(ws_ptr + off, mask=mk, other=0.0) - asbar
+                part += tl.sum(tl.where(mk, d * ds, 0.0), axis=1)
+    if DECOMP:
+        bsum = tl.zeros((BLOCK_R,), dtype=sig.dtype)
+        for i in range(n):
+            bsum += tl.load(b_ptr + i * C_t + j, mask=mj, other=0.0)
+        bbar = bsum / n
+        tl.store(bbar_ptr + j, bbar, mask=mj)
+        for i in range(n):
+            rows = i * C_t + j
+            dbi = tl.where(mj, tl.load(b_ptr + rows, mask=mj, other=0.0) - bbar, 0.0)
+            tl.store(db_ptr + rows, dbi, mask=mj)
+            part += dbi * dbi
+        tl.store(part_ptr + j, part, mask=mj)
+
+
+@triton.jit
+def _grad_tile(ga_ptr, ga2_ptr, gabar_ptr, ws_ptr, asbar_ptr, a, off, moff, mk, n, g_sp,
+               HAS_GA2: tl.constexpr, DECOMP: tl.constexpr):
+    """The total gradient of A_i on one tile: gA (+ gA2) (+ gAbar / n + g_sp DS_i,
+    DS_i = a1 W1 S_i - ASbar, the spread's d/dA_i = 2 D_i S)."""
+    G = tl.load(ga_ptr + off, mask=mk, other=0.0)
+    if HAS_GA2:
+        G += tl.load(ga2_ptr + off, mask=mk, other=0.0)
+    if DECOMP:
+        ds = a[:, None] * tl.load(ws_ptr + off, mask=mk, other=0.0) \
+            - tl.load(asbar_ptr + moff, mask=mk, other=0.0)
+        G += tl.load(gabar_ptr + moff, mask=mk, other=0.0) / n + g_sp * ds
+    return G
+
+
+@triton.jit
+def _expansion_bwd_kernel(
+    ga_ptr, ga2_ptr, gabar_ptr, gbbar_ptr, gl_ptr, w_ptr, ws_ptr, a1_ptr, r1_ptr,
+    abar_ptr, asbar_ptr, db_ptr,
+    gw_ptr, gws_ptr, gg_ptr, gb_ptr,
+    C, C_t, n, P,
+    HAS_GA2: tl.constexpr, DECOMP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Program pid: teacher rows j in [pid*BLOCK_R, +BLOCK_R), one segment after another.
+
+    With G the total gradient of A (`_grad_tile`; gl_ptr the loss gradient already
+    divided by C_t P, g_sp = 2 P gl):
+        g_a1 = rowdot(G, W1), g_gamma1 = g_a1 r1, g_var = -a1 r1^2 g_a1 / 2
+        gW1 = a1 G + 2 g_var W1 S,   gW1S = g_var W1 (+ P gl a1 (A_i - Abar))
+        gbeta1 = gbbar / n + g_sp db                                   (DECOMP)
+    gW1S is the gradient of the product W1 S: the caller forms g_S = W1^T gW1S.
+    """
+    pid = tl.program_id(0)
+    j = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    mj = j < C_t
+    gl = tl.load(gl_ptr)
+    g_sp = gl * (2 * P)
+    g_half = gl * P
+    for i in range(n):
+        rows = (i * C_t + j).to(tl.int64)
+        a = tl.load(a1_ptr + rows, mask=mj, other=0.0)
+        r = tl.load(r1_ptr + rows, mask=mj, other=0.0)
+        ga1 = tl.zeros((BLOCK_R,), dtype=gl.dtype)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            mk = mj[:, None] & (c < C)[None, :]
+            off = rows[:, None] * C + c[None, :]
+            moff = j.to(tl.int64)[:, None] * C + c[None, :]
+            G = _grad_tile(ga_ptr, ga2_ptr, gabar_ptr, ws_ptr, asbar_ptr, a, off, moff, mk,
+                           n, g_sp, HAS_GA2, DECOMP)
+            ga1 += tl.sum(G * tl.load(w_ptr + off, mask=mk, other=0.0), axis=1)
+        tl.store(gg_ptr + rows, ga1 * r, mask=mj)
+        gvar = ga1 * a * r * r * -0.5
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            mk = mj[:, None] & (c < C)[None, :]
+            off = rows[:, None] * C + c[None, :]
+            moff = j.to(tl.int64)[:, None] * C + c[None, :]
+            G = _grad_tile(ga_ptr, ga2_ptr, gabar_ptr, ws_ptr, asbar_ptr, a, off, moff, mk,
+                           n, g_sp, HAS_GA2, DECOMP)
+            w = tl.load(w_ptr + off, mask=mk, other=0.0)
+            ws = tl.load(ws_ptr + off, mask=mk, other=0.0)
+            tl.store(gw_ptr + off, a[:, None] * G + (2 * gvar)[:, None] * ws, mask=mk)
+            gws = gvar[:, None] * w
+            if DECOMP:
+                abar = tl.load(abar_ptr + moff, mask=mk, other=0.0)
+                gws += (g_half * a)[:, None] * (a[:, None] * w - abar)
+            tl.store(gws_ptr + off, gws, mask=mk)
+        if DECOMP:
+            gbb = tl.load(gbbar_ptr + j, mask=mj, other=0.0)
+            d = tl.load(db_ptr + rows, mask=mj, other=0.0)
+            tl.store(gb_ptr + rows, gbb / n + g_sp * d, mask=mj)
+
+
+def _blocks(C_t: int, C: int, interpreted: bool) -> Tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps). Interpreter: blocks covering the problem (fewest
+    programs). GPU: 16 rows x 128 columns, 4 warps (elementwise tiles, 16 values a
+    thread): C_t / 16 programs, each streaming its n * 16 rows of W1 and W1 S twice."""
+    if interpreted:
+        return tlaunch.pow2_block(C_t, 16, 64), tlaunch.pow2_block(C, 16, 256), 1
+    return 16, tlaunch.pow2_block(C, 16, 128), 4
+
+
+def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
+                      mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
+                      n: int, decomposed: bool) -> Tuple[Tensor, ...]:
+    """See `norm_fast.ops.eager.expansion_forward` (same arguments and results)."""
+    O, C = W1.shape
+    C_t = O // n
+    dev, dt = W1.device, W1.dtype
+    interpreted = tlaunch.uses_interpreter(W1)
+    br, bc, warps = _blocks(C_t, C, interpreted)
+    grid = (tlaunch.cdiv(C_t, br),)
+    # separate buffers (a custom op's results may not alias): allocations, no launches
+    a1, r1, mean1, var1u = (torch.empty((O,), dtype=dt, device=dev) for _ in range(4))
+    A = torch.empty((O, C), dtype=dt, device=dev)
+    shapes = [(C_t, C), (C_t, C), (C_t,), (O,), (C_t,)] if decomposed else [(0,)] * 5
+    abar, asbar, bbar, db, part = (torch.empty(s, dtype=dt, device=dev) for s in shapes)
+    tlaunch.launch(
+        _expansion_fwd_kernel, grid,
+        (W1, W1S, gamma, beta, origin, mean, sigma, inv, a1, r1, A, mean1, var1u,
+         *((abar, asbar, bbar, db, part) if decomposed else (a1,) * 5),
+         C, C_t, n, float(eps), float(unbias)),
+        dict(DECOMP=bool(decomposed), BLOCK_R=br, BLOCK_C=bc), dev, num_warps=warps,
+        num_stages=1)
+    return a1, r1, A, mean1, var1u, abar, asbar, bbar, db, part
+
+
+def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor, gl: Tensor,
+                       W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor, Abar: Tensor,
+                       ASbar: Tensor, db: Tensor, P: int, n: int, decomposed: bool
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """See `norm_fast.ops.eager.expansion_backward` (same arguments and results)."""
+    O, C = W1.shape
+    C_t = O // n
+    dev, dt = W1.device, W1.dtype
+    interpreted = tlaunch.uses_interpreter(W1)
+    br, bc, warps = _blocks(C_t, C, interpreted)
+    grid = (tlaunch.cdiv(C_t, br),)
+    gW1, gW1S = (torch.empty((O, C), dtype=dt, device=dev) for _ in range(2))
+    gg = torch.empty((O,), dtype=dt, device=dev)
+    gb = torch.empty((O,) if decomposed else (0,), dtype=dt, device=dev)
+    has2 = gA2.numel() > 0
+    dummy = gg
+    tlaunch.launch(
+        _expansion_bwd_kernel, grid,
+        (gA.contiguous(), gA2 if has2 else dummy, gAbar if decomposed else dummy,
+         gbbar if decomposed else dummy, gl, W1, W1S, a1, r1,
+         Abar if decomposed else dummy, ASbar if decomposed else dummy,
+         db if decomposed else dummy, gW1, gW1S, gg, gb if decomposed else dummy,
+         C, C_t, n, P),
+        dict(HAS_GA2=has2, DECOMP=bool(decomposed), BLOCK_R=br, BLOCK_C=bc), dev,
+        num_warps=warps, num_stages=1)
+    return gW1, gW1S, gg, gb

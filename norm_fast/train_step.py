@@ -1,0 +1,224 @@
+"""The training step of the Feature Transform and its loss as one autograd.Function.
+
+Training with both BatchNorms, the covariance route (P > C_s positions), no synchronised
+statistics: the case a GPU training loop runs at every step. Composed from autograd-
+visible ops (`module.NORM._fast_ft`), this step issued about 180 device operations
+forward + backward, most of them elementwise ops on C x C and N*C_t x C matrices and
+their autograd mirrors: on a GPU their launch overhead alone outweighs the arithmetic
+(issue 11). Here the forward computes exactly what `_fast_ft` computes, and the backward
+is written by hand (docs/design.md section 8): a few GEMMs on the small matrices, the
+P-sized ops' own backward, and one P-sized accumulation for the student gradient.
+
+Notation (docs/design.md sections 3-5): x (B, C, L) the student map, P = B*L, O = n*C_t.
+    xc = (x - o) / sigma            o the batch mean (detached), sigma `algebra.range_scale`
+    m, S = mean, covariance of xc   (`custom_ops.moments`)
+    var1 = diag(W1 S W1^T), a1 = gamma1 / sqrt(var1 + eps1 / sigma^2), A = diag(a1) W1
+    Y = A (xc - m) + beta1          the expanded, normalised map (never formed)
+    K = W2 A, uc = K (xc - m)       the contraction, centred at its batch mean W2 beta1
+    features = bn2(uc) [+ x],       loss = sum_i ||Y_i - T||^2 / (C_t P) [/ n]
+The loss is the direct pass over the n segments or the decomposed form
+    sum = P (spread + ||beta1_i - beta1bar||^2) + n ||Abar (xc - m) + beta1bar - T||^2.
+
+Backward (g_f the features' gradient, g the loss's, scaled by 1 / (C_t P) [/ n]):
+    g_uc, g_gamma2, g_beta2 = batch_norm_backward(g_f)         (one op, as the literal's)
+    g_K = g_uc xc^T, g_xc = K^T g_uc                          (one convolution backward)
+    g_A = W2^T g_K + (loss terms),   g_W2 = g_K A^T
+    g_a1 = rowdot(g_A, W1), g_var1 = -a1 g_a1 / (2 (var1 + eps)), g_gamma1 = g_a1 / sqrt(.)
+    g_W1 = a1 g_A + 2 g_var1 (W1 S),  g_S = W1^T (g_var1 W1 + P g a1 D)   (decomposed)
+    g_xc += (g_S + g_S^T) (xc - m) / P + g_m / P,            g_x = g_f + g_xc / sigma
+(the origin o is detached: every statistic is taken about xc's own mean, so nothing
+depends on it; bn2 removes per-channel constants, so uc's centring needs no gradient).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import algebra, custom_ops
+from .ops.spec import compute_dtype, gemm_precision
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    n: int
+    decomposed: bool
+    residual: bool
+    mean_reduction: bool
+    backend: str
+    precision: str
+    eps1: float
+    eps2: float
+
+
+def eligible(module: nn.Module, f_s: Tensor, f_t: Optional[Tensor], sync) -> bool:
+    """Whether this step takes the fused route: training, two affine BatchNorms that
+    track running statistics with a fixed momentum, a teacher whose gradient is not
+    wanted, no synchronised statistics, more positions than student channels (with
+    P <= C_s the expanded data itself is cheaper and more accurate: `algebra.data_expansion`)."""
+    if not (module.training and module.batchnorm and sync is None and f_t is not None):
+        return False
+    if not module.detach_teacher and f_t.requires_grad:
+        return False
+    for bn in (module.expand_bn, module.contract_bn):
+        if not (isinstance(bn, nn.BatchNorm2d) and bn.affine and bn.track_running_stats
+                and bn.running_mean is not None and isinstance(bn.momentum, float)
+                and bn.num_batches_tracked is not None):
+            return False
+    if module.expand_bn.momentum != module.contract_bn.momentum:
+        return False
+    B, C, H, W = f_s.shape
+    return B * H * W > C
+
+
+def run(module: nn.Module, f_s: Tensor, f_t: Tensor, backend: str, algorithm: str,
+        precision: str) -> Tuple[Tensor, Tensor]:
+    """(features (B, C_s, H, W) in the compute dtype, loss 0-dim) of `module` in training,
+    its running statistics updated as nn.BatchNorm2d does."""
+    n, C_t = module.n, module.teacher_channels
+    bn1, bn2 = module.expand_bn, module.contract_bn
+    cfg = StepConfig(n, algorithm == "decomposed", module.residual,
+                     module.segment_reduction == "mean", backend, precision,
+                     float(bn1.eps), float(bn2.eps))
+    W1 = module.expand.weight.reshape(n * C_t, -1)
+    W2 = module.contract.weight.reshape(-1, n * C_t)
+    features, loss, m1, v1, m2, v2 = _TrainStep.apply(
+        f_s, f_t.detach(), W1, bn1.weight, bn1.bias, W2, bn2.weight, bn2.bias, cfg)
+    with torch.no_grad():
+        torch._foreach_add_([bn1.num_batches_tracked, bn2.num_batches_tracked], 1)
+        torch._foreach_lerp_([bn1.running_mean, bn1.running_var, bn2.running_mean,
+                              bn2.running_var], [m1, v1, m2, v2], bn1.momentum)
+    return features, loss
+
+
+def _scales(x: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(sigma, 1/sigma), 0-dim in cdt: `algebra.range_scale` (2^k, k = max(0, e - 50) for
+    max |x| = m 2^e), both exact powers of two, no host synchronisation."""
+    amax = torch.linalg.vector_norm(x, float("inf"), dtype=cdt)
+    _, e = torch.frexp(amax)
+    k = (e - 50).clamp_min_(0)
+    pm = torch.ldexp(torch.tensor([1.0, 1.0], dtype=cdt, device=x.device),
+                     torch.stack((k, -k)))
+    return pm[0], pm[1]
+
+
+class _TrainStep(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, f_s, f_t, W1w, g1w, b1w, W2w, g2w, b2w, cfg: StepConfig):
+        n = cfg.n
+        B, C, H, Wd = f_s.shape
+        L, P = H * Wd, B * H * Wd
+        C_t = f_t.shape[1]
+        dt = f_s.dtype
+        cdt = compute_dtype(dt)
+        dev = f_s.device
+        W1, g1, b1 = W1w.to(cdt), g1w.to(cdt), b1w.to(cdt)
+        W2, g2, b2 = W2w.to(cdt), g2w.to(cdt), b2w.to(cdt)
+
+        # centred, range-scaled student positions (module.NORM._moments)
+        x = f_s.detach()
+        sigma, inv = _scales(x, cdt)
+        o = x.mean(dim=(0, 2, 3), dtype=cdt)
+        xc = torch.addcmul((o * -inv)[:, None, None], x, inv)
+        if xc.dtype != dt:
+            xc = xc.to(dt)
+        x3 = xc.view(B, C, L)
+        m, S = custom_ops.moments(x3, cfg.backend)
+
+        # expansion: statistics, A = diag(a1) W1, the segments' means and spread (one kernel)
+        unbias = P / max(P - 1, 1)
+        W1S = W1 @ S
+        a1, r1, A, mean1, var1u, Abar, ASbar, bbar, db, part = custom_ops.expansion_forward(
+            W1, W1S, g1, b1, o, m, sigma, inv, cfg.eps1, unbias, n, cfg.decomposed,
+            cfg.backend)
+        # contraction: uc = K xc (bn2 removes the per-channel constant K m)
+        K = W2 @ A
+        with gemm_precision(dev, cdt, cfg.precision):
+            uc = F.conv2d(xc, K.to(dt)[:, :, None, None])
+        if uc.dtype != cdt:
+            uc = uc.to(cdt)
+        out2, mu2, istd2 = torch.ops.aten._native_batch_norm_legit.no_stats(
+            uc, g2, b2, True, 0.0, cfg.eps2)
+        features = out2 + x if cfg.residual else out2
+
+        # loss (segment_loss.direct_sq_sum / decomposed_sq_sum)
+        t = f_t.flatten(2)
+        if cfg.decomposed:
+            resid, err = custom_ops.expand_mse(x3, t, Abar, bbar, m, 1, True, cfg.backend,
+                                               cfg.precision)
+            sq = torch.add(resid * n, part.sum(), alpha=P)
+        else:
+            err = None
+            sq, _ = custom_ops.expand_mse(x3, t, A, b1, m, n, False, cfg.backend,
+                                          cfg.precision)
+        loss = sq * (1.0 / (C_t * P * (n if cfg.mean_reduction else 1)))
+
+        # running statistics of the contraction: of uc + W2 beta1 - K m (algebra.update_running)
+        mean2 = torch.addmv(torch.addmv(mu2, W2, b1), K, m, alpha=-1)
+        var2u = (istd2.pow(-2) - cfg.eps2).clamp_min_(0) * unbias
+
+        ctx.cfg, ctx.shape = cfg, (B, C, H, Wd, C_t)
+        ctx.save_for_backward(xc, t, W1, W1S, a1, r1, A, W2, K, m, inv, uc, g2, mu2, istd2,
+                              Abar, ASbar, bbar, db, err, b1)
+        ctx.mark_non_differentiable(mean1, var1u, mean2, var2u)
+        return features, loss, mean1, var1u, mean2, var2u
+
+    @staticmethod
+    def backward(ctx, g_feat, g_loss, *_):
+        (xc, t, W1, W1S, a1, r1, A, W2, K, m, inv, uc, g2, mu2, istd2,
+         Abar, ASbar, bbar, db, err, b1) = ctx.saved_tensors
+        cfg = ctx.cfg
+        B, C, H, Wd, C_t = ctx.shape
+        n, P = cfg.n, B * H * Wd
+        dt, cdt, dev = xc.dtype, W1.dtype, xc.device
+        x3 = xc.view(B, C, -1)
+        with torch.autocast(dev.type, enabled=False), gemm_precision(dev, cdt, "ieee"):
+            if g_feat is None:
+                g_feat = torch.zeros_like(uc)
+            if g_loss is None:
+                g_loss = torch.zeros((), dtype=cdt, device=dev)
+            g_feat = g_feat.to(cdt)
+            gl = g_loss.to(cdt) * (1.0 / (C_t * P * (n if cfg.mean_reduction else 1)))
+
+            # contraction BatchNorm and the 1x1 contraction map
+            g_uc, g_g2, g_b2 = torch.ops.aten.native_batch_norm_backward(
+                g_feat, uc, g2, None, None, mu2, istd2, True, cfg.eps2, [True, True, True])
+            with gemm_precision(dev, cdt, cfg.precision):
+                g_xc, g_K4, _ = torch.ops.aten.convolution_backward(
+                    g_uc.to(dt), xc, K.to(dt)[:, :, None, None], None, [1, 1], [0, 0],
+                    [1, 1], False, [0, 0], 1, [True, True, False])
+            g_K = g_K4.view(C, C).to(cdt)
+            g_W2 = g_K @ A.t()
+            g_A = W2.t() @ g_K
+
+            # the loss, then the expansion (one kernel)
+            empty = W1.new_empty((0,))
+            if cfg.decomposed:
+                g_x_l, _, g_Abar, g_bbar, g_m = custom_ops.expand_mse_backward(
+                    gl * n, x3, t, Abar, bbar, m, 1, err, [True, False, True, True, True],
+                    cfg.backend, cfg.precision)
+                g_Al = empty
+            else:
+                g_x_l, _, g_Al, g_b1, g_m = custom_ops.expand_mse_backward(
+                    gl, x3, t, A, b1, m, n, None, [True, False, True, True, True],
+                    cfg.backend, cfg.precision)
+                g_Abar = g_bbar = empty
+            g_W1, g_W1S, g_g1, g_b1d = custom_ops.expansion_backward(
+                g_A, g_Al, g_Abar, g_bbar, gl, W1, W1S, a1, r1, Abar, ASbar, db, P, n,
+                cfg.decomposed, cfg.backend)
+            if cfg.decomposed:
+                g_b1 = g_b1d
+            g_S = W1.t() @ g_W1S
+            Gs = (g_S + g_S.t()) * (1.0 / P)
+
+            # the student: S and m are moments of xc; xc = (x - o) / sigma
+            v = torch.addmv(g_m * (1.0 / P), Gs, m, alpha=-1)
+            g_xc = g_xc.to(cdt).view(B, C, -1) + g_x_l.to(cdt)
+            g_xc = torch.baddbmm(g_xc + v[:, None], Gs.expand(B, C, C), x3.to(cdt))
+            g_x = torch.addcmul(g_feat if cfg.residual else torch.zeros_like(g_feat),
+                                g_xc.view(B, C, H, Wd), inv)
+        return (g_x.to(dt), None, g_W1, g_g1, g_b1, g_W2, g_g2, g_b2, None)
