@@ -138,20 +138,37 @@ def _expand_mse_bwd(ctx, grad_sq, grad_err):
 expand_mse.register_autograd(_expand_mse_bwd, setup_context=_expand_mse_setup)
 
 
-# --- the expansion's small algebra (norm_fast/train_step.py) ----------------------------
+# --- the fused training step's ops (norm_fast/train_step.py) -----------------------------
+@torch.library.custom_op("norm_fast::centred_moments", mutates_args=())
+def centred_moments(x: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x (B, C, L) -> (xc, origin, scales, mean, cov): `ops/eager.centred_moments`."""
+    return tuple(_kernels(backend).centred_moments(x))
+
+
+@centred_moments.register_fake
+def _centred_moments_fake(x, backend):
+    B, C, L = x.shape
+    cdt = compute_dtype(x.dtype)
+    return (x.new_empty((B, C, L)), x.new_empty((C,), dtype=cdt), x.new_empty((2,), dtype=cdt),
+            x.new_empty((C,), dtype=cdt), x.new_empty((C, C), dtype=cdt))
+
+
+
 # Not differentiable themselves: the fused training step's backward calls the second.
 @torch.library.custom_op("norm_fast::expansion_forward", mutates_args=())
 def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
                       mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
-                      n: int, decomposed: bool, backend: str) -> List[Tensor]:
-    """(a1, r1, A, mean1, var1u, Abar, ASbar, bbar, db, part): `ops/eager.expansion_forward`."""
+                      part_scale: float, n: int, decomposed: bool, backend: str) -> List[Tensor]:
+    """(a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part):
+    `ops/eager.expansion_forward`."""
     return list(_kernels(backend).expansion_forward(W1, W1S, gamma, beta, origin, mean, sigma,
-                                                    inv, eps, unbias, n, decomposed))
+                                                    inv, eps, unbias, part_scale, n,
+                                                    decomposed))
 
 
 @expansion_forward.register_fake
-def _expansion_forward_fake(W1, W1S, gamma, beta, origin, mean, sigma, inv, eps, unbias, n,
-                            decomposed, backend):
+def _expansion_forward_fake(W1, W1S, gamma, beta, origin, mean, sigma, inv, eps, unbias,
+                            part_scale, n, decomposed, backend):
     O, C = W1.shape
     T = O // n
     vec = [W1.new_empty((O,)) for _ in range(2)]
@@ -160,7 +177,7 @@ def _expansion_forward_fake(W1, W1S, gamma, beta, origin, mean, sigma, inv, eps,
                 W1.new_empty((O,)), W1.new_empty((T,))]
     else:
         rest = [W1.new_empty((0,)) for _ in range(5)]
-    return [*vec, W1.new_empty((O, C)), W1.new_empty((O,)), W1.new_empty((O,)), *rest]
+    return [*vec, W1.new_empty((O, C)), *(W1.new_empty((O,)) for _ in range(3)), *rest]
 
 
 @torch.library.custom_op("norm_fast::expansion_backward", mutates_args=())

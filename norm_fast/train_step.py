@@ -52,6 +52,7 @@ class StepConfig:
     precision: str
     eps1: float
     eps2: float
+    momentum2: float
 
 
 def eligible(module: nn.Module, f_s: Tensor, f_t: Optional[Tensor], sync) -> bool:
@@ -68,8 +69,6 @@ def eligible(module: nn.Module, f_s: Tensor, f_t: Optional[Tensor], sync) -> boo
                 and bn.running_mean is not None and isinstance(bn.momentum, float)
                 and bn.num_batches_tracked is not None):
             return False
-    if module.expand_bn.momentum != module.contract_bn.momentum:
-        return False
     B, C, H, W = f_s.shape
     return B * H * W > C
 
@@ -82,33 +81,24 @@ def run(module: nn.Module, f_s: Tensor, f_t: Tensor, backend: str, algorithm: st
     bn1, bn2 = module.expand_bn, module.contract_bn
     cfg = StepConfig(n, algorithm == "decomposed", module.residual,
                      module.segment_reduction == "mean", backend, precision,
-                     float(bn1.eps), float(bn2.eps))
+                     float(bn1.eps), float(bn2.eps), float(bn2.momentum))
     W1 = module.expand.weight.reshape(n * C_t, -1)
     W2 = module.contract.weight.reshape(-1, n * C_t)
-    features, loss, m1, v1, m2, v2 = _TrainStep.apply(
-        f_s, f_t.detach(), W1, bn1.weight, bn1.bias, W2, bn2.weight, bn2.bias, cfg)
+    features, loss, mean1, var1 = _TrainStep.apply(
+        f_s, f_t.detach(), W1, bn1.weight, bn1.bias, W2, bn2.weight, bn2.bias,
+        bn2.running_mean, bn2.running_var, cfg)
     with torch.no_grad():
         torch._foreach_add_([bn1.num_batches_tracked, bn2.num_batches_tracked], 1)
-        torch._foreach_lerp_([bn1.running_mean, bn1.running_var, bn2.running_mean,
-                              bn2.running_var], [m1, v1, m2, v2], bn1.momentum)
+        torch._foreach_lerp_([bn1.running_mean, bn1.running_var], [mean1, var1],
+                             float(bn1.momentum))
     return features, loss
-
-
-def _scales(x: Tensor, cdt: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """(sigma, 1/sigma), 0-dim in cdt: `algebra.range_scale` (2^k, k = max(0, e - 50) for
-    max |x| = m 2^e), both exact powers of two, no host synchronisation."""
-    amax = torch.linalg.vector_norm(x, float("inf"), dtype=cdt)
-    _, e = torch.frexp(amax)
-    k = (e - 50).clamp_min_(0)
-    pm = torch.ldexp(torch.tensor([1.0, 1.0], dtype=cdt, device=x.device),
-                     torch.stack((k, -k)))
-    return pm[0], pm[1]
 
 
 class _TrainStep(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, f_s, f_t, W1w, g1w, b1w, W2w, g2w, b2w, cfg: StepConfig):
+    def forward(ctx, f_s, f_t, W1w, g1w, b1w, W2w, g2w, b2w, run_mean2, run_var2,
+                cfg: StepConfig):
         n = cfg.n
         B, C, H, Wd = f_s.shape
         L, P = H * Wd, B * H * Wd
@@ -118,31 +108,32 @@ class _TrainStep(torch.autograd.Function):
         dev = f_s.device
         W1, g1, b1 = W1w.to(cdt), g1w.to(cdt), b1w.to(cdt)
         W2, g2, b2 = W2w.to(cdt), g2w.to(cdt), b2w.to(cdt)
-
-        # centred, range-scaled student positions (module.NORM._moments)
         x = f_s.detach()
-        sigma, inv = _scales(x, cdt)
-        o = x.mean(dim=(0, 2, 3), dtype=cdt)
-        xc = torch.addcmul((o * -inv)[:, None, None], x, inv)
-        if xc.dtype != dt:
-            xc = xc.to(dt)
-        x3 = xc.view(B, C, L)
-        m, S = custom_ops.moments(x3, cfg.backend)
 
-        # expansion: statistics, A = diag(a1) W1, the segments' means and spread (one kernel)
+        # xc = (x - origin) / sigma and its moments, one op (docs/design.md section 3)
+        x3, o, scales, m, S = custom_ops.centred_moments(x.view(B, C, L), cfg.backend)
+        sigma, inv = scales[0], scales[1]
+        xc = x3.view(B, C, H, Wd)
+
+        # expansion: statistics, A = diag(a1) W1, the segments' means and spread (one op)
         unbias = P / max(P - 1, 1)
         W1S = W1 @ S
-        a1, r1, A, mean1, var1u, Abar, ASbar, bbar, db, part = custom_ops.expansion_forward(
-            W1, W1S, g1, b1, o, m, sigma, inv, cfg.eps1, unbias, n, cfg.decomposed,
-            cfg.backend)
-        # contraction: uc = K xc (bn2 removes the per-channel constant K m)
+        coef = 1.0 / (C_t * P * (n if cfg.mean_reduction else 1))
+        a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part = \
+            custom_ops.expansion_forward(W1, W1S, g1, b1, o, m, sigma, inv, cfg.eps1, unbias,
+                                         P * coef, n, cfg.decomposed, cfg.backend)
+        # contraction: uc = K xc; its BatchNorm normalises with the batch statistics and
+        # updates the running ones in the same pass. bn2 removes per-channel constants,
+        # so the centring term is left out of uc and added to the running mean:
+        # contract(Y) = W2 (A (xc - m) + beta1) = uc + W2 c1.
         K = W2 @ A
         with gemm_precision(dev, cdt, cfg.precision):
             uc = F.conv2d(xc, K.to(dt)[:, :, None, None])
         if uc.dtype != cdt:
             uc = uc.to(cdt)
-        out2, mu2, istd2 = torch.ops.aten._native_batch_norm_legit.no_stats(
-            uc, g2, b2, True, 0.0, cfg.eps2)
+        out2, mu2, istd2 = torch.ops.aten._native_batch_norm_legit(
+            uc, g2, b2, run_mean2, run_var2, True, cfg.momentum2, cfg.eps2)
+        run_mean2.addmv_(W2, c1, alpha=cfg.momentum2)
         features = out2 + x if cfg.residual else out2
 
         # loss (segment_loss.direct_sq_sum / decomposed_sq_sum)
@@ -150,22 +141,19 @@ class _TrainStep(torch.autograd.Function):
         if cfg.decomposed:
             resid, err = custom_ops.expand_mse(x3, t, Abar, bbar, m, 1, True, cfg.backend,
                                                cfg.precision)
-            sq = torch.add(resid * n, part.sum(), alpha=P)
+            loss = torch.add(part.sum(), resid, alpha=n * coef)   # part: times P coef
         else:
             err = None
             sq, _ = custom_ops.expand_mse(x3, t, A, b1, m, n, False, cfg.backend,
                                           cfg.precision)
-        loss = sq * (1.0 / (C_t * P * (n if cfg.mean_reduction else 1)))
-
-        # running statistics of the contraction: of uc + W2 beta1 - K m (algebra.update_running)
-        mean2 = torch.addmv(torch.addmv(mu2, W2, b1), K, m, alpha=-1)
-        var2u = (istd2.pow(-2) - cfg.eps2).clamp_min_(0) * unbias
+            loss = sq * coef
 
         ctx.cfg, ctx.shape = cfg, (B, C, H, Wd, C_t)
         ctx.save_for_backward(xc, t, W1, W1S, a1, r1, A, W2, K, m, inv, uc, g2, mu2, istd2,
                               Abar, ASbar, bbar, db, err, b1)
-        ctx.mark_non_differentiable(mean1, var1u, mean2, var2u)
-        return features, loss, mean1, var1u, mean2, var2u
+        ctx.mark_non_differentiable(mean1, var1u)
+        ctx.set_materialize_grads(False)
+        return features, loss, mean1, var1u
 
     @staticmethod
     def backward(ctx, g_feat, g_loss, *_):
@@ -184,41 +172,54 @@ class _TrainStep(torch.autograd.Function):
             g_feat = g_feat.to(cdt)
             gl = g_loss.to(cdt) * (1.0 / (C_t * P * (n if cfg.mean_reduction else 1)))
 
-            # contraction BatchNorm and the 1x1 contraction map
+            # contraction BatchNorm and the 1x1 contraction map: one op each, as the
+            # literal's. Every term of d/dxc is summed in acc; d/dx = g_f + acc / sigma.
             g_uc, g_g2, g_b2 = torch.ops.aten.native_batch_norm_backward(
                 g_feat, uc, g2, None, None, mu2, istd2, True, cfg.eps2, [True, True, True])
             with gemm_precision(dev, cdt, cfg.precision):
-                g_xc, g_K4, _ = torch.ops.aten.convolution_backward(
+                acc, g_K4, _ = torch.ops.aten.convolution_backward(
                     g_uc.to(dt), xc, K.to(dt)[:, :, None, None], None, [1, 1], [0, 0],
                     [1, 1], False, [0, 0], 1, [True, True, False])
             g_K = g_K4.view(C, C).to(cdt)
             g_W2 = g_K @ A.t()
             g_A = W2.t() @ g_K
+            acc = acc.to(cdt).view(B, C, -1)
 
-            # the loss, then the expansion (one kernel)
+            # the loss
             empty = W1.new_empty((0,))
             if cfg.decomposed:
-                g_x_l, _, g_Abar, g_bbar, g_m = custom_ops.expand_mse_backward(
-                    gl * n, x3, t, Abar, bbar, m, 1, err, [True, False, True, True, True],
-                    cfg.backend, cfg.precision)
+                # R = Abar (xc - m) + bbar - T, sum n ||R||^2: with e = 2 n g R,
+                # dAbar = e (xc - m)^T, dbbar = sum_p e, dxc = Abar^T e - Abar^T dbbar / P
+                # (through m); e xc^T and Abar^T e from one convolution backward.
+                e = err * (gl * (2 * n))
+                with gemm_precision(dev, cdt, cfg.precision):
+                    g_xl, g_Ab4, _ = torch.ops.aten.convolution_backward(
+                        e.view(B, C_t, H, Wd).to(dt), xc, Abar.to(dt)[:, :, None, None],
+                        None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
+                g_bbar = e.sum(dim=(0, 2))
+                g_Abar = torch.addr(g_Ab4.view(C_t, C).to(cdt), g_bbar, m, alpha=-1)
                 g_Al = empty
             else:
-                g_x_l, _, g_Al, g_b1, g_m = custom_ops.expand_mse_backward(
+                g_xl, _, g_Al, g_b1, g_m = custom_ops.expand_mse_backward(
                     gl, x3, t, A, b1, m, n, None, [True, False, True, True, True],
                     cfg.backend, cfg.precision)
                 g_Abar = g_bbar = empty
+            acc.add_(g_xl.view(B, C, -1))
             g_W1, g_W1S, g_g1, g_b1d = custom_ops.expansion_backward(
                 g_A, g_Al, g_Abar, g_bbar, gl, W1, W1S, a1, r1, Abar, ASbar, db, P, n,
                 cfg.decomposed, cfg.backend)
             if cfg.decomposed:
                 g_b1 = g_b1d
-            g_S = W1.t() @ g_W1S
-            Gs = (g_S + g_S.t()) * (1.0 / P)
 
-            # the student: S and m are moments of xc; xc = (x - o) / sigma
-            v = torch.addmv(g_m * (1.0 / P), Gs, m, alpha=-1)
-            g_xc = g_xc.to(cdt).view(B, C, -1) + g_x_l.to(cdt)
-            g_xc = torch.baddbmm(g_xc + v[:, None], Gs.expand(B, C, C), x3.to(cdt))
-            g_x = torch.addcmul(g_feat if cfg.residual else torch.zeros_like(g_feat),
-                                g_xc.view(B, C, H, Wd), inv)
-        return (g_x.to(dt), None, g_W1, g_g1, g_b1, g_W2, g_g2, g_b2, None)
+            # S and m are moments of xc = (x - o) / sigma: d/dxc += 2 g_S (xc - m) / P
+            # (+ the loss's gradient through m), g_S = W1^T gW1S symmetric
+            g_S = W1.t() @ g_W1S
+            if cfg.decomposed:
+                v = torch.addmv(g_S @ m, Abar.t(), g_bbar, beta=-2.0 / P, alpha=-1.0 / P)
+            else:
+                v = torch.addmv(g_m, g_S, m, alpha=-2.0)
+            acc.baddbmm_(g_S.expand(B, C, C), x3.to(cdt), alpha=2.0 / P)
+            acc.add_(v[:, None], alpha=1.0 if cfg.decomposed else 1.0 / P)
+            g_x = (torch.addcmul(g_feat.view(B, C, -1), acc, inv) if cfg.residual
+                   else acc.mul_(inv)).view(B, C, H, Wd)
+        return (g_x.to(dt), None, g_W1, g_g1, g_b1, g_W2, g_g2, g_b2, None, None, None)

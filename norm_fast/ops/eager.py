@@ -81,6 +81,30 @@ def _moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, cov
 
 
+def centred_moments(x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The positions the fused training step reads, and their moments.
+
+    x (B, C, L) -> (xc, origin, scales, mean, cov):
+        origin (C,)   the channel means of x (summed in float64: a constant channel
+                      centres to exactly zero), compute dtype;
+        scales (2,)   (sigma, 1/sigma), sigma = `algebra.range_scale` of x: a power of two,
+                      1 unless max |x| >= 2^50;
+        xc (B, C, L)  (x - origin) / sigma, contiguous, in x's dtype;
+        mean, cov     `moments(xc)`: of the stored xc (mean a rounding residual).
+    The range scale and centring of docs/design.md section 3 in one op."""
+    cdt = compute_dtype(x.dtype)
+    B, C, L = x.shape
+    amax = torch.linalg.vector_norm(x, float("inf"), dtype=cdt) if x.numel() else \
+        torch.zeros((), dtype=cdt, device=x.device)
+    _, e = torch.frexp(amax)
+    k = (e - 50).clamp_min(0)
+    scales = torch.ldexp(torch.ones(2, dtype=cdt, device=x.device), torch.stack((k, -k)))
+    origin = (x.sum(dim=(0, 2), dtype=torch.float64) / max(B * L, 1)).to(cdt)
+    xc = torch.addcmul((origin * -scales[1])[:, None], x, scales[1]).to(x.dtype)
+    mean, cov = moments(xc)
+    return xc, origin, scales, mean, cov
+
+
 def moments_backward(x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
                      grad_cov: Optional[Tensor]) -> Tensor:
     """dL/dx for (mean, cov) = moments(x); returned in x's dtype.
@@ -203,7 +227,7 @@ def _expand_mse_backward(grad, x, t, a, b, shift, n, err, grad_mask, chunk_bytes
 # --- the expansion's small algebra (the fused training step, norm_fast/train_step.py) ----
 def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
                       mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
-                      n: int, decomposed: bool) -> Tuple[Tensor, ...]:
+                      part_scale: float, n: int, decomposed: bool) -> Tuple[Tensor, ...]:
     """The training-mode BatchNorm'd expansion from W1 (O, C) and W1 S (O, C), S the
     covariance of the centred positions xc = (x - origin) / sigma, mean their mean
     (docs/design.md sections 3-5, 8). eps is the BatchNorm's (divided by sigma^2 here),
@@ -213,10 +237,13 @@ def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, orig
         A (O, C) = diag(a1) W1
         mean1 (O,), var1u (O,): the batch mean W1 (origin + sigma mean) and unbiased
                   variance sigma^2 var1 unbias, for the running statistics
+        c1 (O,)  = beta - A mean: the expansion's output is A xc + c1 (the contraction's
+                  running mean needs W2 c1)
     and with `decomposed` (else empty tensors)
         Abar, ASbar (C_t, C): means over the n segments of A and of diag(a1) W1 S
         bbar (C_t,), db (O,): beta's mean over the segments and its deviations
-        part (C_t,): per teacher row j, sum_i <A_i - Abar, (a1 W1 S)_i - ASbar>_j + db_ij^2
+        part (C_t,): per teacher row j, part_scale times
+                   sum_i <A_i - Abar, (a1 W1 S)_i - ASbar>_j + db_ij^2
                    (the caller sums them: the spread plus the biases' spread)
     Elementwise deviations, never a difference of totals (section 5)."""
     var1 = torch.linalg.vecdot(W1S, W1).clamp_min(0)
@@ -225,8 +252,9 @@ def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, orig
     A = W1 * a1[:, None]
     mean1 = W1 @ torch.addcmul(origin, mean, sigma)
     var1u = var1 * (sigma * unbias) * sigma
+    c1 = beta - A @ mean
     if not decomposed:
-        return (a1, r1, A, mean1, var1u, *(W1.new_empty((0,)) for _ in range(5)))
+        return (a1, r1, A, mean1, var1u, c1, *(W1.new_empty((0,)) for _ in range(5)))
     O, C = W1.shape
     A3 = A.view(n, O // n, C)
     Abar = A3.mean(0)
@@ -235,8 +263,9 @@ def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, orig
     b2 = beta.view(n, O // n)
     bbar = b2.mean(0)
     db = (b2 - bbar).reshape(O)
-    part = ((A3 - Abar) * (AS3 - ASbar)).sum(dim=(0, 2)) + (b2 - bbar).square().sum(0)
-    return a1, r1, A, mean1, var1u, Abar, ASbar, bbar, db, part
+    part = (((A3 - Abar) * (AS3 - ASbar)).sum(dim=(0, 2))
+            + (b2 - bbar).square().sum(0)) * part_scale
+    return a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part
 
 
 def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor, gl: Tensor,

@@ -42,9 +42,9 @@ def _rsqrt(x):
 @triton.jit
 def _expansion_fwd_kernel(
     w_ptr, ws_ptr, g_ptr, b_ptr, o_ptr, m_ptr, sig_ptr, inv_ptr,
-    a1_ptr, r1_ptr, A_ptr, mean1_ptr, var1u_ptr, abar_ptr, asbar_ptr, bbar_ptr, db_ptr,
-    part_ptr,
-    C, C_t, n, eps, unbias,
+    a1_ptr, r1_ptr, A_ptr, mean1_ptr, var1u_ptr, c1_ptr, abar_ptr, asbar_ptr, bbar_ptr,
+    db_ptr, part_ptr,
+    C, C_t, n, eps, unbias, part_scale,
     DECOMP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program pid: teacher rows j in [pid*BLOCK_R, +BLOCK_R), every segment.
@@ -53,10 +53,11 @@ def _expansion_fwd_kernel(
     m_ptr the mean of the centred positions (C,), sig_ptr / inv_ptr sigma, 1/sigma (0-dim).
     Phase 1 (per segment, over C): var1 = rowdot(W1 S, W1) >= 0, r1 = 1/sqrt(var1 + eps
     / sigma^2), a1 = gamma1 r1; the new running mean W1 (o + sigma m) and running
-    variance sigma^2 var1 P/(P-1) (unbias). Phase 2 (per C slab, segments inside):
+    variance sigma^2 var1 P/(P-1) (unbias); c1 = beta1 - a1 rowdot(W1, m). Phase 2 (per C slab, segments inside):
     A = a1 W1, and with DECOMP Abar, ASbar (the means over the segments of A and of
     a1 W1 S), then sum_i <A_i - Abar, a1 W1 S_i - ASbar> elementwise; beta1's mean bbar
-    and deviations db; part_ptr[j] = the spread's and ||db||^2's share of teacher row j.
+    and deviations db; part_ptr[j] = part_scale times the spread's and ||db||^2's share
+    of teacher row j.
     """
     pid = tl.program_id(0)
     j = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -68,6 +69,7 @@ def _expansion_fwd_kernel(
         rows = (i * C_t + j).to(tl.int64)
         var = tl.zeros((BLOCK_R,), dtype=sig.dtype)
         mu = tl.zeros((BLOCK_R,), dtype=sig.dtype)
+        wm = tl.zeros((BLOCK_R,), dtype=sig.dtype)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             mc = c < C
@@ -75,14 +77,17 @@ def _expansion_fwd_kernel(
             off = rows[:, None] * C + c[None, :]
             w = tl.load(w_ptr + off, mask=mk, other=0.0)
             ws = tl.load(ws_ptr + off, mask=mk, other=0.0)
-            z = tl.load(o_ptr + c, mask=mc, other=0.0) + tl.load(m_ptr + c, mask=mc,
-                                                                 other=0.0) * sig
+            mean = tl.load(m_ptr + c, mask=mc, other=0.0)
+            z = tl.load(o_ptr + c, mask=mc, other=0.0) + mean * sig
             var += tl.sum(w * ws, axis=1)
             mu += tl.sum(w * z[None, :], axis=1)
+            wm += tl.sum(w * mean[None, :], axis=1)
         var = tl.maximum(var, 0.0)
         r = _rsqrt(var + eps_eff)
         g = tl.load(g_ptr + rows, mask=mj, other=0.0)
         tl.store(a1_ptr + rows, g * r, mask=mj)
+        tl.store(c1_ptr + rows, tl.load(b_ptr + rows, mask=mj, other=0.0) - g * r * wm,
+                 mask=mj)
         tl.store(r1_ptr + rows, r, mask=mj)
         tl.store(mean1_ptr + rows, mu, mask=mj)
         tl.store(var1u_ptr + rows, var * (sig * unbias) * sig, mask=mj)
@@ -127,7 +132,7 @@ def _expansion_fwd_kernel(
             dbi = tl.where(mj, tl.load(b_ptr + rows, mask=mj, other=0.0) - bbar, 0.0)
             tl.store(db_ptr + rows, dbi, mask=mj)
             part += dbi * dbi
-        tl.store(part_ptr + j, part, mask=mj)
+        tl.store(part_ptr + j, part * part_scale, mask=mj)
 
 
 @triton.jit
@@ -216,7 +221,7 @@ def _blocks(C_t: int, C: int, interpreted: bool) -> Tuple[int, int, int]:
 
 def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
                       mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
-                      n: int, decomposed: bool) -> Tuple[Tensor, ...]:
+                      part_scale: float, n: int, decomposed: bool) -> Tuple[Tensor, ...]:
     """See `norm_fast.ops.eager.expansion_forward` (same arguments and results)."""
     O, C = W1.shape
     C_t = O // n
@@ -225,18 +230,18 @@ def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, orig
     br, bc, warps = _blocks(C_t, C, interpreted)
     grid = (tlaunch.cdiv(C_t, br),)
     # separate buffers (a custom op's results may not alias): allocations, no launches
-    a1, r1, mean1, var1u = (torch.empty((O,), dtype=dt, device=dev) for _ in range(4))
+    a1, r1, mean1, var1u, c1 = (torch.empty((O,), dtype=dt, device=dev) for _ in range(5))
     A = torch.empty((O, C), dtype=dt, device=dev)
     shapes = [(C_t, C), (C_t, C), (C_t,), (O,), (C_t,)] if decomposed else [(0,)] * 5
     abar, asbar, bbar, db, part = (torch.empty(s, dtype=dt, device=dev) for s in shapes)
     tlaunch.launch(
         _expansion_fwd_kernel, grid,
-        (W1, W1S, gamma, beta, origin, mean, sigma, inv, a1, r1, A, mean1, var1u,
+        (W1, W1S, gamma, beta, origin, mean, sigma, inv, a1, r1, A, mean1, var1u, c1,
          *((abar, asbar, bbar, db, part) if decomposed else (a1,) * 5),
-         C, C_t, n, float(eps), float(unbias)),
+         C, C_t, n, float(eps), float(unbias), float(part_scale)),
         dict(DECOMP=bool(decomposed), BLOCK_R=br, BLOCK_C=bc), dev, num_warps=warps,
         num_stages=1)
-    return a1, r1, A, mean1, var1u, abar, asbar, bbar, db, part
+    return a1, r1, A, mean1, var1u, c1, abar, asbar, bbar, db, part
 
 
 def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor, gl: Tensor,

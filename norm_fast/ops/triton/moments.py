@@ -113,6 +113,166 @@ def _blocks(P: int, C: int, interpreted: bool):
     return bc, bc, bp, splits, 8
 
 
+@triton.jit
+def _channel_stats_kernel(
+    x_ptr, sum_ptr, amax_ptr, L, P, C, sxb, sxc, sxl,
+    AMAX: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Per channel c of x (B, C, L): sum_ptr[c] = sum_p x (float64: exact for a constant
+    channel, so the origin sum / P centres it to exactly zero), amax_ptr[c] = max_p |x|
+    (AMAX: the compute dtype). Program pid: channels [pid*BLOCK_C, +BLOCK_C)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    c64 = c.to(tl.int64)
+    s = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    mx = tl.zeros((BLOCK_C,), dtype=AMAX)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        col = (p // L).to(tl.int64) * sxb + (p % L).to(tl.int64) * sxl
+        m2 = mc[:, None] & (p < P)[None, :]
+        v = tl.load(x_ptr + c64[:, None] * sxc + col[None, :], mask=m2, other=0.0)
+        s += tl.sum(v.to(tl.float64), axis=1)
+        mx = tl.maximum(mx, tl.max(tl.abs(v.to(AMAX)), axis=1))
+    tl.store(sum_ptr + c, s, mask=mc)
+    tl.store(amax_ptr + c, mx, mask=mc)
+
+
+@triton.jit
+def _range_scale(amax_ptr, C, CDT: tl.constexpr, BLOCK: tl.constexpr):
+    """(sigma, 1/sigma) in CDT from the channel maxima: sigma = 2^k, k = max(0, e - 50)
+    for max |x| = m 2^e, m in [0.5, 1) (`algebra.range_scale`; k = 0 when the maximum is
+    not finite), both built from their exponent bits: exact powers of two."""
+    a = tl.zeros((BLOCK,), dtype=CDT)
+    for c0 in range(0, C, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        a = tl.maximum(a, tl.load(amax_ptr + c, mask=c < C, other=0.0))
+    top = tl.max(a, axis=0)
+    if CDT == tl.float64:
+        ef = (top.to(tl.int64, bitcast=True) >> 52) & 0x7FF
+        k = tl.where(ef == 0x7FF, 0, tl.maximum(ef - 1022 - 50, 0))
+        sigma = ((k + 1023) << 52).to(tl.float64, bitcast=True)
+        inv = ((1023 - k) << 52).to(tl.float64, bitcast=True)
+    else:
+        ef = (top.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        k = tl.where(ef == 0xFF, 0, tl.maximum(ef - 126 - 50, 0))
+        sigma = ((k + 127) << 23).to(tl.float32, bitcast=True)
+        inv = ((127 - k) << 23).to(tl.float32, bitcast=True)
+    return sigma, inv
+
+
+@triton.jit
+def _centred_tile(x_ptr, off, mask, o, inv, XDT: tl.constexpr, CDT: tl.constexpr):
+    """(x - o) / sigma of one tile, rounded to x's dtype as it is stored (the moments are
+    of the stored values)."""
+    v = tl.load(x_ptr + off, mask=mask, other=0.0).to(CDT)
+    return ((v - o) * inv).to(XDT)
+
+
+@triton.jit
+def _centred_moments_kernel(
+    x_ptr, sum_ptr, amax_ptr, xc_ptr, cov_ptr, rsum_ptr,
+    L, P, C, span,
+    sxb, sxc, sxl,
+    XDT: tl.constexpr, CDT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """`_moments_kernel` on xc = (x - origin) / sigma, formed on load, origin = sum / P
+    (`_channel_stats_kernel`), sigma `_range_scale`; the diagonal programs
+    (pid_i == pid_j) also store xc (B, C, L) contiguous for the ops that follow, so x is
+    read once here and xc never needs a pass of its own. Partials as `_moments_kernel`
+    with no shift (xc is centred up to rounding)."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    ci = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    cj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_i = ci < C
+    mask_j = cj < C
+    ci64 = ci.to(tl.int64)
+    cj64 = cj.to(tl.int64)
+    _, inv = _range_scale(amax_ptr, C, CDT, 128)
+    o_i = (tl.load(sum_ptr + ci, mask=mask_i, other=0.0) / P).to(CDT)
+    o_j = (tl.load(sum_ptr + cj, mask=mask_j, other=0.0) / P).to(CDT)
+    acc = tl.full((BLOCK_I, BLOCK_J), 0.0, ACC)
+    row_sum = tl.full((BLOCK_I,), 0.0, ACC)
+    start = pid_s * span
+    for p0 in range(start, start + span, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = p < P
+        b = (p // L).to(tl.int64)
+        l = (p % L).to(tl.int64)
+        col = b * sxb + l * sxl
+        m_ip = mask_i[:, None] & mask_p[None, :]
+        m_pj = mask_p[:, None] & mask_j[None, :]
+        yi = _centred_tile(x_ptr, ci64[:, None] * sxc + col[None, :], m_ip, o_i[:, None], inv,
+                           XDT, CDT)
+        if pid_i == pid_j:
+            tl.store(xc_ptr + (b[None, :] * C + ci64[:, None]) * L + l[None, :], yi,
+                     mask=m_ip)
+        yi = tl.where(m_ip, yi.to(ACC), 0.0)
+        yj = _centred_tile(x_ptr, col[:, None] + cj64[None, :] * sxc, m_pj, o_j[None, :], inv,
+                           XDT, CDT)
+        yj = tl.where(m_pj, yj.to(ACC), 0.0)
+        acc += tl.dot(yi, yj, input_precision=PREC).to(ACC)
+        row_sum += tl.sum(yi, axis=1)
+    base = pid_s.to(tl.int64) * C * C
+    tl.store(cov_ptr + base + ci64[:, None] * C + cj64[None, :], acc,
+             mask=mask_i[:, None] & mask_j[None, :])
+    writer = (ci * 0 + pid_j) == 0
+    tl.store(rsum_ptr + pid_s.to(tl.int64) * C + ci64, row_sum, mask=mask_i & writer)
+
+
+@triton.jit
+def _moments_finalize_kernel(
+    cov_part, rsum_part, shift_ptr, sum_ptr, amax_ptr, mean_ptr, cov_ptr, o_ptr, scales_ptr,
+    splits, P, C,
+    CENTRED: tl.constexpr, CDT: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """The partials of the position splits reduced (fixed order: deterministic):
+    ybar = sum_s rsum / P, cov = (G + G^T) / (2P) - ybar ybar^T (exactly symmetric), in
+    float64, stored in CDT; mean = shift + ybar (shift_ptr, float64), or with CENTRED
+    mean = ybar, and also the origin sum / P and (sigma, 1/sigma) of `_range_scale`."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    ci = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    cj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    mask_i = ci < C
+    mask_j = cj < C
+    ci64 = ci.to(tl.int64)
+    cj64 = cj.to(tl.int64)
+    m2 = mask_i[:, None] & mask_j[None, :]
+    g = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float64)
+    si = tl.zeros((BLOCK_I,), dtype=tl.float64)
+    sj = tl.zeros((BLOCK_J,), dtype=tl.float64)
+    for s in range(0, splits):
+        base = s * C * C
+        g += tl.load(cov_part + base + ci64[:, None] * C + cj64[None, :], mask=m2, other=0.0)
+        g += tl.load(cov_part + base + cj64[None, :] * C + ci64[:, None], mask=m2, other=0.0)
+        si += tl.load(rsum_part + s * C + ci64, mask=mask_i, other=0.0)
+        sj += tl.load(rsum_part + s * C + cj64, mask=mask_j, other=0.0)
+    yi = si / P
+    yj = sj / P
+    cov = g * 0.5 / P - yi[:, None] * yj[None, :]
+    tl.store(cov_ptr + ci64[:, None] * C + cj64[None, :], cov.to(CDT), mask=m2)
+    if pid_j == 0:
+        if CENTRED:
+            tl.store(mean_ptr + ci, yi.to(CDT), mask=mask_i)
+            o = tl.load(sum_ptr + ci, mask=mask_i, other=0.0) / P
+            tl.store(o_ptr + ci, o.to(CDT), mask=mask_i)
+            if pid_i == 0:
+                sigma, inv = _range_scale(amax_ptr, C, CDT, 128)
+                tl.store(scales_ptr, sigma)
+                tl.store(scales_ptr + 1, inv)
+        else:
+            sh = tl.load(shift_ptr + ci, mask=mask_i, other=0.0)
+            tl.store(mean_ptr + ci, (sh + yi).to(CDT), mask=mask_i)
+
+
+def _finalize_blocks(C: int, interpreted: bool) -> int:
+    return tlaunch.pow2_block(C, 16, 128 if interpreted else 32)
+
+
 def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """Mean (C,) and biased covariance (C, C) of x (B, C, L) over its B*L positions.
 
@@ -150,8 +310,59 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
         (x, s, cov_part, sum_part, L, P, C, span, *x.stride()),
         dict(ACC=tlaunch.tl_dtype(acc), PREC="ieee", BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bp),
         x.device, num_warps=warps)
-    ybar = sum_part.sum(dim=0) / P
-    cov = cov_part.sum(dim=0) / P - torch.outer(ybar, ybar)
-    cov = (cov + cov.transpose(0, 1)) * 0.5
-    return (s + ybar).to(cdt), cov.to(cdt)
+    mean = torch.empty((C,), dtype=cdt, device=x.device)
+    cov = torch.empty((C, C), dtype=cdt, device=x.device)
+    bf = _finalize_blocks(C, interpreted)
+    tlaunch.launch(
+        _moments_finalize_kernel, (tlaunch.cdiv(C, bf), tlaunch.cdiv(C, bf)),
+        (cov_part, sum_part, s, s, s, mean, cov, mean, mean, splits, P, C),
+        dict(CENTRED=False, CDT=tlaunch.tl_dtype(cdt), BLOCK_I=bf, BLOCK_J=bf), x.device,
+        num_warps=4)
+    return mean, cov
+
+
+def centred_moments(x: Tensor) -> Tuple[Tensor, ...]:
+    """See `norm_fast.ops.eager.centred_moments`: (xc, origin, scales, mean, cov) in
+    three launches: the channel sums and maxima, the centring moments kernel (which
+    writes xc as it reads x), the reduction of its partials."""
+    B, C, L = x.shape
+    P = B * L
+    cdt = compute_dtype(x.dtype)
+    dev = x.device
+    interpreted = tlaunch.uses_interpreter(x)
+    xc = torch.empty((B, C, L), dtype=x.dtype, device=dev)
+    origin = torch.empty((C,), dtype=cdt, device=dev)
+    scales = torch.empty((2,), dtype=cdt, device=dev)
+    mean = torch.empty((C,), dtype=cdt, device=dev)
+    cov = torch.empty((C, C), dtype=cdt, device=dev)
+    if P == 0 or C == 0:
+        return eager.centred_moments(x)
+    sums = torch.empty((C,), dtype=torch.float64, device=dev)
+    amax = torch.empty((C,), dtype=cdt, device=dev)
+    bcs = tlaunch.pow2_block(C, 1, 16) if not interpreted else tlaunch.pow2_block(C, 1, 128)
+    tlaunch.launch(
+        _channel_stats_kernel, (tlaunch.cdiv(C, bcs),),
+        (x, sums, amax, L, P, C, *x.stride()),
+        dict(AMAX=tlaunch.tl_dtype(cdt), BLOCK_C=bcs,
+             BLOCK_P=tlaunch.pow2_block(P, 16, 512 if interpreted else 256)),
+        dev, num_warps=4)
+    acc = torch.float64
+    bi, bj, bp, splits, warps = _blocks(P, C, interpreted)
+    span = tlaunch.cdiv(tlaunch.cdiv(P, splits), bp) * bp
+    splits = tlaunch.cdiv(P, span)
+    cov_part = torch.empty((splits, C, C), dtype=acc, device=dev)
+    sum_part = torch.empty((splits, C), dtype=acc, device=dev)
+    tlaunch.launch(
+        _centred_moments_kernel, (tlaunch.cdiv(C, bi), tlaunch.cdiv(C, bj), splits),
+        (x, sums, amax, xc, cov_part, sum_part, L, P, C, span, *x.stride()),
+        dict(XDT=tlaunch.tl_dtype(x.dtype), CDT=tlaunch.tl_dtype(cdt),
+             ACC=tlaunch.tl_dtype(acc), PREC="ieee", BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bp),
+        dev, num_warps=warps)
+    bf = _finalize_blocks(C, interpreted)
+    tlaunch.launch(
+        _moments_finalize_kernel, (tlaunch.cdiv(C, bf), tlaunch.cdiv(C, bf)),
+        (cov_part, sum_part, sums, sums, amax, mean, cov, origin, scales, splits, P, C),
+        dict(CENTRED=True, CDT=tlaunch.tl_dtype(cdt), BLOCK_I=bf, BLOCK_J=bf), dev,
+        num_warps=4)
+    return xc, origin, scales, mean, cov
 
