@@ -139,6 +139,21 @@ expand_mse.register_autograd(_expand_mse_bwd, setup_context=_expand_mse_setup)
 
 
 # --- the fused training step's ops (norm_fast/train_step.py) -----------------------------
+@torch.library.custom_op("norm_fast::expand_error", mutates_args=())
+def expand_error(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor], n: int,
+                 g2: Tensor, backend: str, precision: str) -> Tensor:
+    """g2 * the expanded error (B, n*C_t, L): `ops/eager.expand_error`."""
+    return _kernels(backend).expand_error(x, t, a, b, shift, n, g2, precision=precision)
+
+
+@expand_error.register_fake
+def _expand_error_fake(x, t, a, b, shift, n, g2, backend, precision):
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    return x.new_empty((x.shape[0], a.shape[0], x.shape[2]),
+                       dtype=x.dtype if half else compute_dtype(x.dtype))
+
+
+
 @torch.library.custom_op("norm_fast::centred_moments", mutates_args=())
 def centred_moments(x: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x (B, C, L) -> (xc, origin, scales, mean, cov): `ops/eager.centred_moments`."""
@@ -156,18 +171,18 @@ def _centred_moments_fake(x, backend):
 
 # Not differentiable themselves: the fused training step's backward calls the second.
 @torch.library.custom_op("norm_fast::expansion_forward", mutates_args=())
-def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
+def expansion_forward(W1: Tensor, S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
                       mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
                       part_scale: float, n: int, decomposed: bool, backend: str) -> List[Tensor]:
-    """(a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part):
+    """(W1S, a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part):
     `ops/eager.expansion_forward`."""
-    return list(_kernels(backend).expansion_forward(W1, W1S, gamma, beta, origin, mean, sigma,
+    return list(_kernels(backend).expansion_forward(W1, S, gamma, beta, origin, mean, sigma,
                                                     inv, eps, unbias, part_scale, n,
                                                     decomposed))
 
 
 @expansion_forward.register_fake
-def _expansion_forward_fake(W1, W1S, gamma, beta, origin, mean, sigma, inv, eps, unbias,
+def _expansion_forward_fake(W1, S, gamma, beta, origin, mean, sigma, inv, eps, unbias,
                             part_scale, n, decomposed, backend):
     O, C = W1.shape
     T = O // n
@@ -177,21 +192,22 @@ def _expansion_forward_fake(W1, W1S, gamma, beta, origin, mean, sigma, inv, eps,
                 W1.new_empty((O,)), W1.new_empty((T,))]
     else:
         rest = [W1.new_empty((0,)) for _ in range(5)]
-    return [*vec, W1.new_empty((O, C)), *(W1.new_empty((O,)) for _ in range(3)), *rest]
+    return [W1.new_empty((O, C)), *vec, W1.new_empty((O, C)),
+            *(W1.new_empty((O,)) for _ in range(3)), *rest]
 
 
 @torch.library.custom_op("norm_fast::expansion_backward", mutates_args=())
-def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor, gl: Tensor,
-                       W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor, Abar: Tensor,
+def expansion_backward(gK: Tensor, W2: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor,
+                       gl: Tensor, W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor, Abar: Tensor,
                        ASbar: Tensor, db: Tensor, P: int, n: int, decomposed: bool,
                        backend: str) -> List[Tensor]:
     """(gW1, gW1S, ggamma, gbeta): `ops/eager.expansion_backward`."""
-    return list(_kernels(backend).expansion_backward(gA, gA2, gAbar, gbbar, gl, W1, W1S, a1,
+    return list(_kernels(backend).expansion_backward(gK, W2, gA2, gAbar, gbbar, gl, W1, W1S, a1,
                                                      r1, Abar, ASbar, db, P, n, decomposed))
 
 
 @expansion_backward.register_fake
-def _expansion_backward_fake(gA, gA2, gAbar, gbbar, gl, W1, W1S, a1, r1, Abar, ASbar, db, P,
+def _expansion_backward_fake(gK, W2, gA2, gAbar, gbbar, gl, W1, W1S, a1, r1, Abar, ASbar, db, P,
                              n, decomposed, backend):
     O, C = W1.shape
     return [W1.new_empty((O, C)), W1.new_empty((O, C)), W1.new_empty((O,)),

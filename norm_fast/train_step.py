@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import algebra, custom_ops
-from .ops.spec import compute_dtype, gemm_precision
+from .ops.spec import DEFAULT_CHUNK_BYTES, compute_dtype, gemm_precision
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,9 @@ class _TrainStep(torch.autograd.Function):
 
         # expansion: statistics, A = diag(a1) W1, the segments' means and spread (one op)
         unbias = P / max(P - 1, 1)
-        W1S = W1 @ S
         coef = 1.0 / (C_t * P * (n if cfg.mean_reduction else 1))
-        a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part = \
-            custom_ops.expansion_forward(W1, W1S, g1, b1, o, m, sigma, inv, cfg.eps1, unbias,
+        W1S, a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part = \
+            custom_ops.expansion_forward(W1, S, g1, b1, o, m, sigma, inv, cfg.eps1, unbias,
                                          P * coef, n, cfg.decomposed, cfg.backend)
         # contraction: uc = K xc; its BatchNorm normalises with the batch statistics and
         # updates the running ones in the same pass. bn2 removes per-channel constants,
@@ -182,7 +181,6 @@ class _TrainStep(torch.autograd.Function):
                     [1, 1], False, [0, 0], 1, [True, True, False])
             g_K = g_K4.view(C, C).to(cdt)
             g_W2 = g_K @ A.t()
-            g_A = W2.t() @ g_K
             acc = acc.to(cdt).view(B, C, -1)
 
             # the loss
@@ -199,14 +197,32 @@ class _TrainStep(torch.autograd.Function):
                 g_bbar = e.sum(dim=(0, 2))
                 g_Abar = torch.addr(g_Ab4.view(C_t, C).to(cdt), g_bbar, m, alpha=-1)
                 g_Al = empty
+                acc.add_(g_xl.view(B, C, -1))
             else:
-                g_xl, _, g_Al, g_b1, g_m = custom_ops.expand_mse_backward(
-                    gl, x3, t, A, b1, m, n, None, [True, False, True, True, True],
-                    cfg.backend, cfg.precision)
+                # E_i = A_i (xc - m) + beta1_i - T recomputed by batch chunks (at most
+                # chunk_bytes of error at once, never N*C_t*P): e = 2 g E, then
+                # dA = e (xc - m)^T, dbeta1 = sum_p e, dxc = A^T e - A^T dbeta1 / P.
+                O = A.shape[0]
+                g2 = gl * 2
+                step = max(1, DEFAULT_CHUNK_BYTES // max(1, O * (P // B) * xc.element_size()))
+                g_Ad = g_b1 = None
+                for b0 in range(0, B, step):
+                    b1_ = min(B, b0 + step)
+                    e = custom_ops.expand_error(x3[b0:b1_], t[b0:b1_], A, b1, m, n, g2,
+                                                cfg.backend, cfg.precision)
+                    with gemm_precision(dev, cdt, cfg.precision):
+                        g_xl, g_A4, _ = torch.ops.aten.convolution_backward(
+                            e.view(b1_ - b0, O, H, Wd), xc[b0:b1_],
+                            A.to(dt)[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False,
+                            [0, 0], 1, [True, True, False])
+                    acc[b0:b1_].add_(g_xl.view(b1_ - b0, C, -1))
+                    es = e.sum(dim=(0, 2), dtype=cdt)
+                    g_Ad = g_A4 if g_Ad is None else g_Ad.add_(g_A4)
+                    g_b1 = es if g_b1 is None else g_b1.add_(es)
+                g_Al = torch.addr(g_Ad.view(O, C).to(cdt), g_b1, m, alpha=-1)
                 g_Abar = g_bbar = empty
-            acc.add_(g_xl.view(B, C, -1))
             g_W1, g_W1S, g_g1, g_b1d = custom_ops.expansion_backward(
-                g_A, g_Al, g_Abar, g_bbar, gl, W1, W1S, a1, r1, Abar, ASbar, db, P, n,
+                g_K, W2, g_Al, g_Abar, g_bbar, gl, W1, W1S, a1, r1, Abar, ASbar, db, P, n,
                 cfg.decomposed, cfg.backend)
             if cfg.decomposed:
                 g_b1 = g_b1d
@@ -214,12 +230,10 @@ class _TrainStep(torch.autograd.Function):
             # S and m are moments of xc = (x - o) / sigma: d/dxc += 2 g_S (xc - m) / P
             # (+ the loss's gradient through m), g_S = W1^T gW1S symmetric
             g_S = W1.t() @ g_W1S
-            if cfg.decomposed:
-                v = torch.addmv(g_S @ m, Abar.t(), g_bbar, beta=-2.0 / P, alpha=-1.0 / P)
-            else:
-                v = torch.addmv(g_m, g_S, m, alpha=-2.0)
+            Am, gsum = (Abar, g_bbar) if cfg.decomposed else (A, g_b1)
+            v = torch.addmv(g_S @ m, Am.t(), gsum, beta=-2.0 / P, alpha=-1.0 / P)
             acc.baddbmm_(g_S.expand(B, C, C), x3.to(cdt), alpha=2.0 / P)
-            acc.add_(v[:, None], alpha=1.0 if cfg.decomposed else 1.0 / P)
+            acc.add_(v[:, None])
             g_x = (torch.addcmul(g_feat.view(B, C, -1), acc, inv) if cfg.residual
                    else acc.mul_(inv)).view(B, C, H, Wd)
         return (g_x.to(dt), None, g_W1, g_g1, g_b1, g_W2, g_g2, g_b2, None, None, None)

@@ -224,14 +224,32 @@ def _expand_mse_backward(grad, x, t, a, b, shift, n, err, grad_mask, chunk_bytes
     )
 
 
-# --- the expansion's small algebra (the fused training step, norm_fast/train_step.py) ----
-def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
+# --- the fused training step's ops (norm_fast/train_step.py) -------------------------------
+def expand_error(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor], n: int,
+                 g2: Tensor, precision: str = "ieee") -> Tensor:
+    """g2 * E (B, n*C_t, L), E[:, i*C_t + c] = a_i (x - shift) + b_i - t: the scaled
+    error of the direct loss for x (B, C_s, L), t (B, C_t, L), a (n*C_t, C_s), b, shift
+    (C_s,) or None, g2 0-dim; in the compute dtype (x's dtype when 16-bit). The caller
+    bounds its size (batch chunks of the fused step's backward)."""
+    cdt = compute_dtype(x.dtype)
+    with gemm_precision(x.device, cdt, precision):
+        bias = b.to(cdt) if shift is None else b.to(cdt) - a.to(cdt) @ shift.to(cdt)
+        y = torch.matmul(a.to(cdt), x.to(cdt)) + bias[:, None]
+    B, C_t, L = t.shape
+    e = (y.view(B, n, C_t, L) - t.to(cdt)[:, None]) * g2
+    return e.view(B, n * C_t, L).to(x.dtype if x.dtype in (torch.float16, torch.bfloat16)
+                                    else cdt)
+
+
+
+def expansion_forward(W1: Tensor, S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
                       mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
                       part_scale: float, n: int, decomposed: bool) -> Tuple[Tensor, ...]:
-    """The training-mode BatchNorm'd expansion from W1 (O, C) and W1 S (O, C), S the
+    """The training-mode BatchNorm'd expansion from W1 (O, C) and S (C, C), the
     covariance of the centred positions xc = (x - origin) / sigma, mean their mean
     (docs/design.md sections 3-5, 8). eps is the BatchNorm's (divided by sigma^2 here),
     unbias = P / (P - 1). Returns
+        W1S (O, C) = W1 S (exact float32 or float64), kept for the backward
         a1 (O,)  = gamma / sqrt(var1 + eps / sigma^2), var1 = rowdot(W1 S, W1) clamped >= 0
         r1 (O,)  = 1 / sqrt(var1 + eps / sigma^2)
         A (O, C) = diag(a1) W1
@@ -246,6 +264,8 @@ def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, orig
                    sum_i <A_i - Abar, (a1 W1 S)_i - ASbar>_j + db_ij^2
                    (the caller sums them: the spread plus the biases' spread)
     Elementwise deviations, never a difference of totals (section 5)."""
+    with gemm_precision(W1.device, W1.dtype, "ieee"):
+        W1S = W1 @ S
     var1 = torch.linalg.vecdot(W1S, W1).clamp_min(0)
     r1 = torch.rsqrt(var1 + eps * inv * inv)
     a1 = gamma * r1
@@ -254,7 +274,7 @@ def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, orig
     var1u = var1 * (sigma * unbias) * sigma
     c1 = beta - A @ mean
     if not decomposed:
-        return (a1, r1, A, mean1, var1u, c1, *(W1.new_empty((0,)) for _ in range(5)))
+        return (W1S, a1, r1, A, mean1, var1u, c1, *(W1.new_empty((0,)) for _ in range(5)))
     O, C = W1.shape
     A3 = A.view(n, O // n, C)
     Abar = A3.mean(0)
@@ -265,23 +285,28 @@ def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, orig
     db = (b2 - bbar).reshape(O)
     part = (((A3 - Abar) * (AS3 - ASbar)).sum(dim=(0, 2))
             + (b2 - bbar).square().sum(0)) * part_scale
-    return a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part
+    return W1S, a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part
 
 
-def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor, gl: Tensor,
+def expansion_backward(gK: Tensor, W2: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor,
+                       gl: Tensor,
                        W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor, Abar: Tensor,
                        ASbar: Tensor, db: Tensor, P: int, n: int, decomposed: bool
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of `expansion_forward` (docs/design.md section 8).
 
-    gA (O, C): the gradient of A from the contraction (W2^T g_K); gA2 (O, C) or empty:
+    gK (C, C), W2 (C, O): the contraction's gradient, W2^T gK the gradient of A it
+    gives (K = W2 A); gA2 (O, C) or empty:
     another one (the direct loss's); gAbar (C_t, C), gbbar (C_t,): the decomposed loss's
     residual gradients (empty otherwise); gl (0-dim): the loss gradient divided by C_t P,
     so the spread P (spread + ||db||^2) has gradient P gl. Returns (gW1 (O, C),
     gW1S (O, C) the gradient of the product W1 S (the caller forms g_S = W1^T gW1S),
     ggamma (O,), gbeta (O,) or empty when not decomposed)."""
     O, C = W1.shape
-    G = gA if gA2.numel() == 0 else gA + gA2
+    with gemm_precision(W1.device, W1.dtype, "ieee"):
+        G = W2.t() @ gK
+    if gA2.numel():
+        G = G + gA2
     gb = W1.new_empty((0,))
     g_sp = gl * (2 * P)
     if decomposed:

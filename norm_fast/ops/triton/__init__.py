@@ -76,3 +76,4 @@ def _member(module: str, name: str):
 TritonKernels.expansion_forward = _member("expansion", "expansion_forward")
 TritonKernels.expansion_backward = _member("expansion", "expansion_backward")
 TritonKernels.centred_moments = _member("moments", "centred_moments")
+TritonKernels.expand_error = _member("expand_mse", "expand_error")

@@ -224,7 +224,7 @@ def _expand_mse_bwd_err_kernel(
     sxb, sxc, sxl, stb, stc, stl,
     L: tl.constexpr, X_CONTIG: tl.constexpr, T_CONTIG: tl.constexpr,
     HAS_SHIFT: tl.constexpr, WRITE_E: tl.constexpr, WRITE_XC: tl.constexpr,
-    WRITE_DT: tl.constexpr, X_RESIDENT: tl.constexpr,
+    WRITE_DT: tl.constexpr, E_BKL: tl.constexpr, X_RESIDENT: tl.constexpr,
     ACC: tl.constexpr, RND: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -235,6 +235,7 @@ def _expand_mse_bwd_err_kernel(
     With g2 = 2 * grad (g2_ptr, one ACC value):
 
     e_ptr  (n*C_t, Pc) contiguous: g2 * E_i[c, p0 + q] at row i*C_t + c (WRITE_E),
+                       or with E_BKL (p0 == 0) (B, n*C_t, L) contiguous, [b, i*C_t + c, l],
                        computed in ACC and rounded to e_ptr's dtype (the input dtype for
                        16-bit inputs: the GEMMs that read it then run on tensor cores)
     xc_ptr (C_s, Pc)   contiguous: x - shift of the chunk in xc_ptr's dtype (as e_ptr),
@@ -279,8 +280,11 @@ def _expand_mse_bwd_err_kernel(
         e = tl.where(mask_cq, e * g2, 0.0)
         e_sum += e
         if WRITE_E:
-            tl.store(e_ptr + rows[:, None] * Pc + q64[None, :],
-                     e.to(e_ptr.dtype.element_ty), mask=mask_cq)
+            if E_BKL:  # (B, n*C_t, L), the layout of a convolution's output gradient
+                e_off = (bi[None, :] * (n * C_t) + rows[:, None]) * L + li[None, :]
+            else:
+                e_off = rows[:, None] * Pc + q64[None, :]
+            tl.store(e_ptr + e_off, e.to(e_ptr.dtype.element_ty), mask=mask_cq)
     if WRITE_DT:
         dt_off = (bi[None, :] * C_t + c64[:, None]) * L + li[None, :]
         tl.store(dt_ptr + dt_off, (-e_sum).to(dt_ptr.dtype.element_ty), mask=mask_cq)
@@ -402,7 +406,7 @@ def _with_residency(kernel):
 # adds the dtypes of the tensor arguments itself).
 _TUNE_KEY = ["P_BUCKET", "C_s", "C_t", "n", "L", "X_CONTIG", "T_CONTIG", "HAS_SHIFT", "PREC"]
 _TUNE_FLAGS = {"_expand_mse_fwd_kernel": ["STORE_ERR"],
-               "_expand_mse_bwd_err_kernel": ["WRITE_E", "WRITE_XC", "WRITE_DT"]}
+               "_expand_mse_bwd_err_kernel": ["WRITE_E", "WRITE_XC", "WRITE_DT", "E_BKL"]}
 
 
 def _tuned(kernel):
@@ -630,7 +634,8 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
                     (x, t, a_k, b_c, s_c, g2,
                      e if need_e else g2, xc if want_a else g2, dt if want_t else g2,
                      p0, pcur, C_s, C_t, n, _p_bucket(pc), *x.stride(), *t.stride()),
-                    dict(WRITE_E=need_e, WRITE_XC=want_a, WRITE_DT=want_t, **consts),
+                    dict(WRITE_E=need_e, WRITE_XC=want_a, WRITE_DT=want_t, E_BKL=False,
+                         **consts),
                     dev, interpreted, x.dtype,
                     lambda bp, bc: (tlaunch.cdiv(pcur, bp), tlaunch.cdiv(C_t, bc)))
                 if da is not None:
@@ -660,6 +665,33 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
             e_rowsum if want_b else empty,
             -(a_k.t().to(cdt) @ e_rowsum) if want_s else empty,
         )
+
+
+def expand_error(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Tensor],
+                 n: int, g2: Tensor, precision: str = "ieee") -> Tensor:
+    """g2 * E, E the expanded error (B, n*C_t, L) of x (B, C_s, L) and t (B, C_t, L):
+    `norm_fast.ops.eager.expand_error`, by the backward's recomputing kernel in one launch,
+    stored in the layout of a 1x1 convolution's output gradient so that one
+    convolution backward gives both da and dx (docs/design.md section 8). In x's dtype
+    for 16-bit inputs (the GEMMs reading it run on tensor cores), else the compute dtype.
+    The caller bounds its size (batch chunks)."""
+    B, C_s, L = x.shape
+    C_t = t.shape[1]
+    P = B * L
+    cdt, interpreted, a_k, b_c, s_c, consts = _common(x, t, a, b, shift, precision)
+    gdt = x.dtype if x.dtype in _HALF else cdt
+    e = torch.empty((B, n * C_t, L), dtype=gdt, device=x.device)
+    if P == 0 or C_t == 0 or n == 0:
+        return e
+    g = g2.reshape(1)
+    _launch(
+        _expand_mse_bwd_err_kernel, "bwd", P, C_s, C_t,
+        (x, t, a_k, b_c, s_c, g, e, g, g, 0, P, C_s, C_t, n, _p_bucket(P), *x.stride(),
+         *t.stride()),
+        dict(WRITE_E=True, WRITE_XC=False, WRITE_DT=False, E_BKL=True, **consts),
+        x.device, interpreted, x.dtype,
+        lambda bp, bc: (tlaunch.cdiv(P, bp), tlaunch.cdiv(C_t, bc)))
+    return e
 
 
 def _backward_from_error(g2: Tensor, x: Tensor, t: Tensor, a_k: Tensor,
