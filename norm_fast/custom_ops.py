@@ -171,44 +171,44 @@ def _centred_moments_fake(x, backend):
 
 # Not differentiable themselves: the fused training step's backward calls the second.
 @torch.library.custom_op("norm_fast::expansion_forward", mutates_args=())
-def expansion_forward(W1: Tensor, S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
+def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
                       mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
                       part_scale: float, n: int, decomposed: bool, backend: str) -> List[Tensor]:
-    """(W1S, a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part):
+    """(a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part):
     `ops/eager.expansion_forward`."""
-    return list(_kernels(backend).expansion_forward(W1, S, gamma, beta, origin, mean, sigma,
+    return list(_kernels(backend).expansion_forward(W1, W1S, gamma, beta, origin, mean, sigma,
                                                     inv, eps, unbias, part_scale, n,
                                                     decomposed))
 
 
 @expansion_forward.register_fake
-def _expansion_forward_fake(W1, S, gamma, beta, origin, mean, sigma, inv, eps, unbias,
+def _expansion_forward_fake(W1, W1S, gamma, beta, origin, mean, sigma, inv, eps, unbias,
                             part_scale, n, decomposed, backend):
     O, C = W1.shape
     T = O // n
-    vec = [W1.new_empty((O,)) for _ in range(2)]
     if decomposed:
         rest = [W1.new_empty((T, C)), W1.new_empty((T, C)), W1.new_empty((T,)),
                 W1.new_empty((O,)), W1.new_empty((T,))]
     else:
         rest = [W1.new_empty((0,)) for _ in range(5)]
-    return [W1.new_empty((O, C)), *vec, W1.new_empty((O, C)),
+    return [W1.new_empty((O,)), W1.new_empty((O,)), W1.new_empty((O, C)),
             *(W1.new_empty((O,)) for _ in range(3)), *rest]
 
 
 @torch.library.custom_op("norm_fast::expansion_backward", mutates_args=())
-def expansion_backward(gK: Tensor, W2: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor,
-                       gl: Tensor, W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor, Abar: Tensor,
-                       ASbar: Tensor, db: Tensor, P: int, n: int, decomposed: bool,
-                       backend: str) -> List[Tensor]:
-    """(gW1, gW1S, ggamma, gbeta): `ops/eager.expansion_backward`."""
-    return list(_kernels(backend).expansion_backward(gK, W2, gA2, gAbar, gbbar, gl, W1, W1S, a1,
-                                                     r1, Abar, ASbar, db, P, n, decomposed))
+def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gsum: Tensor, g_out: Tensor,
+                       coef: float, W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor,
+                       Abar: Tensor, ASbar: Tensor, db: Tensor, mean: Tensor, P: int, n: int,
+                       decomposed: bool, backend: str) -> List[Tensor]:
+    """(gW1, gW1S, ggamma, gbeta, wv): `ops/eager.expansion_backward`."""
+    return list(_kernels(backend).expansion_backward(gA, gA2, gAbar, gsum, g_out, coef, W1,
+                                                     W1S, a1, r1, Abar, ASbar, db, mean, P,
+                                                     n, decomposed))
 
 
 @expansion_backward.register_fake
-def _expansion_backward_fake(gK, W2, gA2, gAbar, gbbar, gl, W1, W1S, a1, r1, Abar, ASbar, db, P,
-                             n, decomposed, backend):
+def _expansion_backward_fake(gA, gA2, gAbar, gsum, g_out, coef, W1, W1S, a1, r1, Abar, ASbar,
+                             db, mean, P, n, decomposed, backend):
     O, C = W1.shape
     return [W1.new_empty((O, C)), W1.new_empty((O, C)), W1.new_empty((O,)),
-            W1.new_empty((O,) if decomposed else (0,))]
+            W1.new_empty((O,) if decomposed else (0,)), W1.new_empty((O,))]

@@ -118,8 +118,9 @@ class _TrainStep(torch.autograd.Function):
         # expansion: statistics, A = diag(a1) W1, the segments' means and spread (one op)
         unbias = P / max(P - 1, 1)
         coef = 1.0 / (C_t * P * (n if cfg.mean_reduction else 1))
-        W1S, a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part = \
-            custom_ops.expansion_forward(W1, S, g1, b1, o, m, sigma, inv, cfg.eps1, unbias,
+        W1S = W1 @ S
+        a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part = \
+            custom_ops.expansion_forward(W1, W1S, g1, b1, o, m, sigma, inv, cfg.eps1, unbias,
                                          P * coef, n, cfg.decomposed, cfg.backend)
         # contraction: uc = K xc; its BatchNorm normalises with the batch statistics and
         # updates the running ones in the same pass. bn2 removes per-channel constants,
@@ -169,7 +170,8 @@ class _TrainStep(torch.autograd.Function):
             if g_loss is None:
                 g_loss = torch.zeros((), dtype=cdt, device=dev)
             g_feat = g_feat.to(cdt)
-            gl = g_loss.to(cdt) * (1.0 / (C_t * P * (n if cfg.mean_reduction else 1)))
+            g_loss = g_loss.to(cdt)
+            coef = 1.0 / (C_t * P * (n if cfg.mean_reduction else 1))   # loss = sum * coef
 
             # contraction BatchNorm and the 1x1 contraction map: one op each, as the
             # literal's. Every term of d/dxc is summed in acc; d/dx = g_f + acc / sigma.
@@ -181,6 +183,7 @@ class _TrainStep(torch.autograd.Function):
                     [1, 1], False, [0, 0], 1, [True, True, False])
             g_K = g_K4.view(C, C).to(cdt)
             g_W2 = g_K @ A.t()
+            g_A = W2.t() @ g_K
             acc = acc.to(cdt).view(B, C, -1)
 
             # the loss
@@ -188,22 +191,25 @@ class _TrainStep(torch.autograd.Function):
             if cfg.decomposed:
                 # R = Abar (xc - m) + bbar - T, sum n ||R||^2: with e = 2 n g R,
                 # dAbar = e (xc - m)^T, dbbar = sum_p e, dxc = Abar^T e - Abar^T dbbar / P
-                # (through m); e xc^T and Abar^T e from one convolution backward.
-                e = err * (gl * (2 * n))
+                # (through m): all three from one convolution backward (its bias gradient
+                # is sum_p e).
+                e = err * (g_loss * (2 * n * coef))
                 with gemm_precision(dev, cdt, cfg.precision):
-                    g_xl, g_Ab4, _ = torch.ops.aten.convolution_backward(
+                    g_xl, g_Ab4, g_bbar = torch.ops.aten.convolution_backward(
                         e.view(B, C_t, H, Wd).to(dt), xc, Abar.to(dt)[:, :, None, None],
-                        None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, False])
-                g_bbar = e.sum(dim=(0, 2))
+                        [C_t], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, True])
+                g_bbar = g_bbar.to(cdt)
                 g_Abar = torch.addr(g_Ab4.view(C_t, C).to(cdt), g_bbar, m, alpha=-1)
                 g_Al = empty
                 acc.add_(g_xl.view(B, C, -1))
-            else:
-                # E_i = A_i (xc - m) + beta1_i - T recomputed by batch chunks (at most
-                # chunk_bytes of error at once, never N*C_t*P): e = 2 g E, then
-                # dA = e (xc - m)^T, dbeta1 = sum_p e, dxc = A^T e - A^T dbeta1 / P.
+            elif cfg.backend == "triton":
+                # E_i = A_i (xc - m) + beta1_i - T recomputed (by whole samples, at most
+                # DEFAULT_CHUNK_BYTES of error at once, as the Triton backward always
+                # did) in the layout of a convolution's output gradient: e = 2 g E, then
+                # dA = e (xc - m)^T, dbeta1 = sum_p e, dxc = A^T e - A^T dbeta1 / P
+                # from one convolution backward per chunk.
                 O = A.shape[0]
-                g2 = gl * 2
+                g2 = g_loss * (2 * coef)
                 step = max(1, DEFAULT_CHUNK_BYTES // max(1, O * (P // B) * xc.element_size()))
                 g_Ad = g_b1 = None
                 for b0 in range(0, B, step):
@@ -211,29 +217,36 @@ class _TrainStep(torch.autograd.Function):
                     e = custom_ops.expand_error(x3[b0:b1_], t[b0:b1_], A, b1, m, n, g2,
                                                 cfg.backend, cfg.precision)
                     with gemm_precision(dev, cdt, cfg.precision):
-                        g_xl, g_A4, _ = torch.ops.aten.convolution_backward(
+                        g_xl, g_A4, es = torch.ops.aten.convolution_backward(
                             e.view(b1_ - b0, O, H, Wd), xc[b0:b1_],
-                            A.to(dt)[:, :, None, None], None, [1, 1], [0, 0], [1, 1], False,
-                            [0, 0], 1, [True, True, False])
+                            A.to(dt)[:, :, None, None], [O], [1, 1], [0, 0], [1, 1], False,
+                            [0, 0], 1, [True, True, True])
                     acc[b0:b1_].add_(g_xl.view(b1_ - b0, C, -1))
-                    es = e.sum(dim=(0, 2), dtype=cdt)
                     g_Ad = g_A4 if g_Ad is None else g_Ad.add_(g_A4)
                     g_b1 = es if g_b1 is None else g_b1.add_(es)
+                g_b1 = g_b1.to(cdt)
                 g_Al = torch.addr(g_Ad.view(O, C).to(cdt), g_b1, m, alpha=-1)
                 g_Abar = g_bbar = empty
-            g_W1, g_W1S, g_g1, g_b1d = custom_ops.expansion_backward(
-                g_K, W2, g_Al, g_Abar, g_bbar, gl, W1, W1S, a1, r1, Abar, ASbar, db, P, n,
-                cfg.decomposed, cfg.backend)
+            else:
+                # the kernel set's own chunked backward (C++/CUDA, eager)
+                g_xl, _, g_Al, g_b1, _ = custom_ops.expand_mse_backward(
+                    g_loss * coef, x3, t, A, b1, m, n, None, [True, False, True, True, False],
+                    cfg.backend, cfg.precision)
+                acc.add_(g_xl.view(B, C, -1))
+                g_Abar = g_bbar = empty
+            g_W1, g_W1S, g_g1, g_b1d, wv = custom_ops.expansion_backward(
+                g_A, g_Al, g_Abar, g_bbar if cfg.decomposed else g_b1, g_loss, coef, W1, W1S,
+                a1, r1, Abar, ASbar, db, m, P, n, cfg.decomposed, cfg.backend)
             if cfg.decomposed:
                 g_b1 = g_b1d
 
             # S and m are moments of xc = (x - o) / sigma: d/dxc += 2 g_S (xc - m) / P
-            # (+ the loss's gradient through m), g_S = W1^T gW1S symmetric
+            # plus the loss's gradient through m, -Abar^T dbbar / P (A^T dbeta1 / P for
+            # the direct loss); with g_S = W1^T gW1S, the per-channel constant of the two
+            # is W1^T wv (`expansion_backward`)
             g_S = W1.t() @ g_W1S
-            Am, gsum = (Abar, g_bbar) if cfg.decomposed else (A, g_b1)
-            v = torch.addmv(g_S @ m, Am.t(), gsum, beta=-2.0 / P, alpha=-1.0 / P)
             acc.baddbmm_(g_S.expand(B, C, C), x3.to(cdt), alpha=2.0 / P)
-            acc.add_(v[:, None])
+            acc.add_((W1.t() @ wv)[:, None])
             g_x = (torch.addcmul(g_feat.view(B, C, -1), acc, inv) if cfg.residual
                    else acc.mul_(inv)).view(B, C, H, Wd)
         return (g_x.to(dt), None, g_W1, g_g1, g_b1, g_W2, g_g2, g_b2, None, None, None)

@@ -6,8 +6,9 @@ reference's count beside it: run with ``-s`` to see the table. Triton runs under
 interpreter here, which launches the same kernels as CUDA would.
 
 Asserted: the counter sees what it must (the literal's two 1x1 convolutions and their
-backward, the Triton kernels), and counts are deterministic. The launch budget of issue
-11 (no more than the literal, <= 35) is not asserted yet: the paths are over it today.
+backward, the Triton kernels), counts are deterministic, the GPU cost model's table is
+the count, and a Triton training step stays within the launch budget of 35 device
+operations (docs/design.md section 8; the literal's count is printed beside it).
 """
 from __future__ import annotations
 
@@ -65,6 +66,24 @@ def test_print_launch_counts(capsys):
     with capsys.disabled():
         print("\n" + "\n".join(lines))
     assert literal > 0
+
+
+BUDGET = 35
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "decomposed"])
+def test_launch_budget(algorithm, capsys):
+    """One Triton training step (the fused route of norm_fast/train_step.py) issues at most
+    BUDGET device operations, forward and backward, counted with the literal's beside."""
+    if ("triton", algorithm) not in PATHS:
+        pytest.skip("triton not available here")
+    c = _step("triton", algorithm)
+    literal = _step("torch", "direct").total
+    with capsys.disabled():
+        print(f"\ntriton/{algorithm}: {c.total} device operations ({c.aten} ATen, "
+              f"{c.triton} Triton) a training step; literal {literal}; budget {BUDGET}")
+    assert c.total <= BUDGET, sorted(c.by_op.items())
+    assert c.triton >= 5  # centring moments (3), expansion forward and backward
 
 
 @pytest.mark.parametrize("path", [("torch", "direct"), ("torch", "decomposed"),

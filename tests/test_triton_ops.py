@@ -290,7 +290,11 @@ def _compile_for_sm90(kernel, pointer_types, constexprs, num_warps, num_stages=2
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
              if name not in constexprs and (signature[name].startswith("*") or name in div16)}
     src = ASTSource(kernel, signature, constexprs=dict(constexprs), attrs=attrs)
-    maxnreg = None if kernel is moments_mod._moments_kernel else _triton_launch.MAXNREG
+    # the register ceiling of the expand_mse launches (`launch.MAXNREG`); the other
+    # kernels are launched without one
+    maxnreg = (_triton_launch.MAXNREG if kernel in (expand_mse._expand_mse_fwd_kernel,
+                                                    expand_mse._expand_mse_bwd_err_kernel)
+               else None)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages,
                                        maxnreg=maxnreg))
@@ -363,6 +367,71 @@ def gpu_kernel_builds(dtype, precision="ieee", L=49):
     yield (f"moments {bi}x{bj}x{bpm} w{warps_m} s2", moments_mod._moments_kernel, mptrs,
            dict(ACC=_triton_launch.tl_dtype(torch.float64), PREC="ieee", BLOCK_I=bi,
                 BLOCK_J=bj, BLOCK_P=bpm), warps_m, 2)
+    yield from fused_step_builds(dtype, precision, L)
+
+
+def fused_step_builds(dtype, precision="ieee", L=49):
+    """The kernels of the fused training step (norm_fast/train_step.py) as the GPU launches
+    them: the direct loss's error recomputation in convolution-gradient layout (every
+    backward configuration), the channel statistics, centring moments and finalize
+    kernels, and the expansion's two small-algebra kernels (compute dtype: float32 for
+    16-bit inputs, so those two are built for float32 and float64 inputs only)."""
+    from norm_fast.ops.spec import compute_dtype
+    from norm_fast.ops.triton import expansion as expansion_mod
+    cdt = compute_dtype(dtype)
+    half = dtype in (torch.float16, torch.bfloat16)
+    acc, io, f64 = "*" + _TL[cdt], "*" + _TL[dtype], "*fp64"
+    gemm = io if half else acc
+    tl_cdt = _triton_launch.tl_dtype(cdt)
+    ptrs = {n: acc for n in ("b_ptr", "shift_ptr", "g2_ptr", "xc_ptr", "dt_ptr")}
+    ptrs.update(x_ptr=io, t_ptr=io, a_ptr=gemm, e_ptr=gemm)
+    rnd, dot, prec = _triton_launch.dot_dtypes(dtype, False, precision)
+    common = dict(L=L, X_CONTIG=True, T_CONTIG=True, HAS_SHIFT=not half, ACC=tl_cdt, RND=rnd,
+                  DOT=dot, PREC=prec, WRITE_E=True, WRITE_XC=False, WRITE_DT=False,
+                  E_BKL=True)
+    for bp, bc, bk, warps, stages in expand_mse.GPU_CONFIGS["bwd"][dtype]:
+        for resident in (False, True):
+            yield (f"bwd-error {bp}x{bc}x{bk} w{warps} s{stages}"
+                   + (" x-resident" if resident else ""),
+                   expand_mse._expand_mse_bwd_err_kernel, ptrs,
+                   dict(common, X_RESIDENT=resident, BLOCK_P=bp, BLOCK_C=bc, BLOCK_K=bk),
+                   warps, stages)
+    if precision != "ieee":
+        return  # the rest is exact whatever the precision
+    yield ("channel-stats 16x256 w4 s2", moments_mod._channel_stats_kernel,
+           dict(x_ptr=io, sum_ptr=f64, amax_ptr=acc),
+           dict(AMAX=tl_cdt, BLOCK_C=16, BLOCK_P=256), 4, 2)
+    bi, bj, bpm, _, warps_m = moments_mod._blocks(10**6, 512, False)
+    bpm = 16 if dtype == torch.float64 else bpm     # as moments.centred_moments launches
+    yield (f"moments-centred {bi}x{bj}x{bpm} w{warps_m} s2",
+           moments_mod._centred_moments_kernel,
+           dict(x_ptr=io, sum_ptr=f64, amax_ptr=acc, xc_ptr=io, cov_ptr=f64, rsum_ptr=f64),
+           dict(XDT=_triton_launch.tl_dtype(dtype), CDT=tl_cdt,
+                ACC=_triton_launch.tl_dtype(torch.float64), PREC="ieee", DOT16=half,
+                BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bpm), warps_m, 2)
+    bf = moments_mod._finalize_blocks(512, False)
+    for centred in (False, True):
+        yield (f"moments-finalize {bf}x{bf} w4 s2" + (" centred" if centred else ""),
+               moments_mod._moments_finalize_kernel,
+               dict(cov_part=f64, rsum_part=f64, shift_ptr=f64, sum_ptr=f64, amax_ptr=acc,
+                    mean_ptr=acc, cov_ptr=acc, o_ptr=acc, scales_ptr=acc),
+               dict(CENTRED=centred, CDT=tl_cdt, BLOCK_I=bf, BLOCK_J=bf), 4, 2)
+    if half:
+        return
+    br, bc, warps_e = expansion_mod._blocks(512, 512, cdt, False)
+    cfg = f"{br}x{bc} w{warps_e} s1"
+    for decomposed in (False, True):
+        tag = " decomposed" if decomposed else ""
+        yield (f"expansion-fwd {cfg}{tag}", expansion_mod._expansion_fwd_kernel,
+               {n: acc for n in expansion_mod._expansion_fwd_kernel.arg_names
+                if n.endswith("_ptr")},
+               dict(DECOMP=decomposed, BLOCK_R=br, BLOCK_C=bc), warps_e, 1)
+        for has2 in ((False,) if decomposed else (False, True)):
+            yield (f"expansion-bwd {cfg}{tag}" + (" +gA" if has2 else ""),
+                   expansion_mod._expansion_bwd_kernel,
+                   {n: acc for n in expansion_mod._expansion_bwd_kernel.arg_names
+                    if n.endswith("_ptr")},
+                   dict(HAS_GA2=has2, DECOMP=decomposed, BLOCK_R=br, BLOCK_C=bc), warps_e, 1)
 
 
 def _need_aot():
@@ -407,7 +476,7 @@ def test_gpu_configs_compile_without_spills(dtype, precision):
         regs, spills = ptxas_usage(k)
         if spills:
             spilled.append((name, regs, spills))
-        if precision == "tf32" and not name.startswith("moments"):
+        if precision == "tf32" and name.split()[0] in ("fwd", "bwd", "bwd-error"):
             assert "mma" in k.asm["ptx"], name  # TF32 tensor cores, not FMA
     assert not spilled, f"register spills (name, registers, bytes): {spilled}"
 

@@ -242,14 +242,13 @@ def expand_error(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Ten
 
 
 
-def expansion_forward(W1: Tensor, S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
+def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
                       mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
                       part_scale: float, n: int, decomposed: bool) -> Tuple[Tensor, ...]:
-    """The training-mode BatchNorm'd expansion from W1 (O, C) and S (C, C), the
+    """The training-mode BatchNorm'd expansion from W1 (O, C) and W1 S (O, C), S the
     covariance of the centred positions xc = (x - origin) / sigma, mean their mean
     (docs/design.md sections 3-5, 8). eps is the BatchNorm's (divided by sigma^2 here),
     unbias = P / (P - 1). Returns
-        W1S (O, C) = W1 S (exact float32 or float64), kept for the backward
         a1 (O,)  = gamma / sqrt(var1 + eps / sigma^2), var1 = rowdot(W1 S, W1) clamped >= 0
         r1 (O,)  = 1 / sqrt(var1 + eps / sigma^2)
         A (O, C) = diag(a1) W1
@@ -264,8 +263,6 @@ def expansion_forward(W1: Tensor, S: Tensor, gamma: Tensor, beta: Tensor, origin
                    sum_i <A_i - Abar, (a1 W1 S)_i - ASbar>_j + db_ij^2
                    (the caller sums them: the spread plus the biases' spread)
     Elementwise deviations, never a difference of totals (section 5)."""
-    with gemm_precision(W1.device, W1.dtype, "ieee"):
-        W1S = W1 @ S
     var1 = torch.linalg.vecdot(W1S, W1).clamp_min(0)
     r1 = torch.rsqrt(var1 + eps * inv * inv)
     a1 = gamma * r1
@@ -274,7 +271,7 @@ def expansion_forward(W1: Tensor, S: Tensor, gamma: Tensor, beta: Tensor, origin
     var1u = var1 * (sigma * unbias) * sigma
     c1 = beta - A @ mean
     if not decomposed:
-        return (W1S, a1, r1, A, mean1, var1u, c1, *(W1.new_empty((0,)) for _ in range(5)))
+        return (a1, r1, A, mean1, var1u, c1, *(W1.new_empty((0,)) for _ in range(5)))
     O, C = W1.shape
     A3 = A.view(n, O // n, C)
     Abar = A3.mean(0)
@@ -285,35 +282,38 @@ def expansion_forward(W1: Tensor, S: Tensor, gamma: Tensor, beta: Tensor, origin
     db = (b2 - bbar).reshape(O)
     part = (((A3 - Abar) * (AS3 - ASbar)).sum(dim=(0, 2))
             + (b2 - bbar).square().sum(0)) * part_scale
-    return W1S, a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part
+    return a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part
 
 
-def expansion_backward(gK: Tensor, W2: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor,
-                       gl: Tensor,
-                       W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor, Abar: Tensor,
-                       ASbar: Tensor, db: Tensor, P: int, n: int, decomposed: bool
-                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gsum: Tensor, g_out: Tensor,
+                       coef: float, W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor,
+                       Abar: Tensor, ASbar: Tensor, db: Tensor, mean: Tensor, P: int, n: int,
+                       decomposed: bool) -> Tuple[Tensor, ...]:
     """Backward of `expansion_forward` (docs/design.md section 8).
 
-    gK (C, C), W2 (C, O): the contraction's gradient, W2^T gK the gradient of A it
-    gives (K = W2 A); gA2 (O, C) or empty:
-    another one (the direct loss's); gAbar (C_t, C), gbbar (C_t,): the decomposed loss's
-    residual gradients (empty otherwise); gl (0-dim): the loss gradient divided by C_t P,
-    so the spread P (spread + ||db||^2) has gradient P gl. Returns (gW1 (O, C),
-    gW1S (O, C) the gradient of the product W1 S (the caller forms g_S = W1^T gW1S),
-    ggamma (O,), gbeta (O,) or empty when not decomposed)."""
+    gA (O, C): the gradient of A from the contraction (W2^T g_K); gA2 (O, C) or empty:
+    another one (the direct loss's); gAbar (C_t, C): the decomposed loss's residual
+    gradient (empty otherwise); gsum: dbbar (C_t,) when decomposed, else the direct
+    loss's dbeta1 (O,); g_out (0-dim) times coef: gl, the loss gradient divided by C_t P,
+    so that P (spread + ||db||^2) has gradient P gl. Returns
+        gW1 (O, C), gW1S (O, C) the gradient of the product W1 S (the caller forms
+        g_S = W1^T gW1S), ggamma (O,), gbeta (O,) (empty when not decomposed), and
+        wv (O,) = -(2 gW1S mean + a1 s) / P, s = dbbar / n tiled over the segments
+        (decomposed) or dbeta1: W1^T wv is the per-channel constant of the student's
+        gradient, -(2 g_S mean + Abar^T dbbar) / P."""
     O, C = W1.shape
-    with gemm_precision(W1.device, W1.dtype, "ieee"):
-        G = W2.t() @ gK
-    if gA2.numel():
-        G = G + gA2
+    gl = g_out.to(W1.dtype) * coef
+    G = gA if gA2.numel() == 0 else gA + gA2
     gb = W1.new_empty((0,))
     g_sp = gl * (2 * P)
     if decomposed:
         T = O // n
         DS = (W1S * a1[:, None]).view(n, T, C) - ASbar
         G = (G.view(n, T, C) + gAbar / n + DS * g_sp).view(O, C)
-        gb = (gbbar / n + db.view(n, T) * g_sp).reshape(O)
+        s = (gsum / n).repeat(n)
+        gb = s + db * g_sp
+    else:
+        s = gsum
     ga1 = torch.linalg.vecdot(G, W1)
     gvar = ga1 * a1 * r1 * r1 * -0.5
     gW1 = G * a1[:, None] + (2 * gvar)[:, None] * W1S
@@ -321,4 +321,5 @@ def expansion_backward(gK: Tensor, W2: Tensor, gA2: Tensor, gAbar: Tensor, gbbar
     if decomposed:
         D = (W1 * a1[:, None]).view(n, O // n, C) - Abar
         gW1S = gW1S + D.view(O, C) * (gl * P * a1)[:, None]
-    return gW1, gW1S, ga1 * r1, gb
+    wv = -(2 * (gW1S @ mean) + a1 * s) / P
+    return gW1, gW1S, ga1 * r1, gb, wv

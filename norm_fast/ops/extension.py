@@ -239,7 +239,6 @@ class KernelSet:
     # The fused training step's small algebra (O x C elementwise work): ATen's ops, no
     # kernel of the extension's own (docs/design.md section 8).
     centred_moments = staticmethod(eager.centred_moments)
-    expand_error = staticmethod(eager.expand_error)
     expansion_forward = staticmethod(eager.expansion_forward)
     expansion_backward = staticmethod(eager.expansion_backward)
 

@@ -7,11 +7,13 @@ segment i. Every matrix is (O, C) or (C_t, C), contiguous, in the compute dtype.
 
 Why kernels: written as PyTorch ops this is about 25 elementwise passes and reductions
 over O x C matrices forward and 15 backward, each a launch of a few microseconds on a GPU
-for microseconds of work (issue 11, docs/design.md section 8). The work is O(n C_t C)
-loads; a program owns BLOCK_R teacher rows j for all n segments, so the means over the
-segments (Abar, the mean of a1 W1 S) are complete inside the program and nothing is
-combined across programs except the spread's partial sums (one per teacher row, summed
-by the caller: deterministic).
+for microseconds of work (docs/design.md section 8). The work is O(n C_t C) loads; a
+program owns BLOCK_R teacher rows j for all n segments, so the means over the segments
+(Abar, the mean of a1 W1 S) are complete inside the program and nothing is combined
+across programs except the spread's partial sums (one per teacher row, summed by the
+caller: deterministic). The products W1 S and W2^T g_K stay cuBLAS GEMMs (one launch
+each, every SM busy): formed inside these kernels they would run on C_t / 16 programs
+only, a few SMs for the O C^2 multiply-adds at the shapes of the paper.
 
 Within a program, values written in one phase and read in the next (a1 after the
 variance pass) go through global memory with a CTA barrier between (`tl.debug_barrier`:
@@ -41,25 +43,23 @@ def _rsqrt(x):
 
 @triton.jit
 def _expansion_fwd_kernel(
-    w_ptr, s_ptr, ws_ptr, g_ptr, b_ptr, o_ptr, m_ptr, sig_ptr, inv_ptr,
+    w_ptr, ws_ptr, g_ptr, b_ptr, o_ptr, m_ptr, sig_ptr, inv_ptr,
     a1_ptr, r1_ptr, A_ptr, mean1_ptr, var1u_ptr, c1_ptr, abar_ptr, asbar_ptr, bbar_ptr,
     db_ptr, part_ptr,
     C, C_t, n, eps, unbias, part_scale,
-    DECOMP: tl.constexpr, PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    DECOMP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program pid: teacher rows j in [pid*BLOCK_R, +BLOCK_R), every segment.
 
-    w_ptr W1 (O, C), s_ptr S (C, C); ws_ptr receives W1 S (O, C), formed here slab by
-    slab (tl.dot over C, exact: PREC "ieee") and kept for the backward; g_ptr, b_ptr gamma1, beta1 (O,); o_ptr origin (C,),
+    w_ptr W1, ws_ptr W1 S (O, C); g_ptr, b_ptr gamma1, beta1 (O,); o_ptr origin (C,),
     m_ptr the mean of the centred positions (C,), sig_ptr / inv_ptr sigma, 1/sigma (0-dim).
     Phase 1 (per segment, over C): var1 = rowdot(W1 S, W1) >= 0, r1 = 1/sqrt(var1 + eps
     / sigma^2), a1 = gamma1 r1; the new running mean W1 (o + sigma m) and running
-    variance sigma^2 var1 P/(P-1) (unbias); c1 = beta1 - a1 rowdot(W1, m). Phase 2 (per C slab, segments inside):
-    A = a1 W1, and with DECOMP Abar, ASbar (the means over the segments of A and of
-    a1 W1 S), then sum_i <A_i - Abar, a1 W1 S_i - ASbar> elementwise; beta1's mean bbar
-    and deviations db; part_ptr[j] = part_scale times the spread's and ||db||^2's share
-    of teacher row j.
+    variance sigma^2 var1 P/(P-1) (unbias); c1 = beta1 - a1 rowdot(W1, m).
+    Phase 2 (per C slab, segments inside): A = a1 W1, and with DECOMP Abar, ASbar (the
+    means over the segments of A and of a1 W1 S), then sum_i <A_i - Abar,
+    a1 W1 S_i - ASbar> elementwise; beta1's mean bbar and deviations db; part_ptr[j] =
+    part_scale times the spread's and ||db||^2's share of teacher row j.
     """
     pid = tl.program_id(0)
     j = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -78,16 +78,7 @@ def _expansion_fwd_kernel(
             mk = mj[:, None] & mc[None, :]
             off = rows[:, None] * C + c[None, :]
             w = tl.load(w_ptr + off, mask=mk, other=0.0)
-            ws = tl.zeros((BLOCK_R, BLOCK_C), dtype=sig.dtype)
-            for k0 in range(0, C, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                mkk = k < C
-                wk = tl.load(w_ptr + rows[:, None] * C + k[None, :],
-                             mask=mj[:, None] & mkk[None, :], other=0.0)
-                sk = tl.load(s_ptr + k.to(tl.int64)[:, None] * C + c[None, :],
-                             mask=mkk[:, None] & mc[None, :], other=0.0)
-                ws += tl.dot(wk, sk, input_precision=PREC)
-            tl.store(ws_ptr + off, ws, mask=mk)
+            ws = tl.load(ws_ptr + off, mask=mk, other=0.0)
             mean = tl.load(m_ptr + c, mask=mc, other=0.0)
             z = tl.load(o_ptr + c, mask=mc, other=0.0) + mean * sig
             var += tl.sum(w * ws, axis=1)
@@ -147,56 +138,37 @@ def _expansion_fwd_kernel(
 
 
 @triton.jit
-def _grad_tile(gk_ptr, w2_ptr, ga2_ptr, gabar_ptr, ws_ptr, asbar_ptr, a, rows, mj, c, mc, off,
-               moff, mk, n, O, C, g_sp, HAS_GA2: tl.constexpr, DECOMP: tl.constexpr,
-               PREC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    """The total gradient of A_i on one tile: W2^T g_K (the contraction's; tl.dot over C,
-    W2 (C, O) read transposed) (+ gA2) (+ gAbar / n + g_sp DS_i, DS_i = a1 W1 S_i - ASbar,
-    the spread's d/dA_i = 2 D_i S)."""
-    G = tl.zeros((BLOCK_R, BLOCK_C), dtype=g_sp.dtype)
-    for k0 in range(0, C, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mkk = k < C
-        w2t = tl.load(w2_ptr + k.to(tl.int64)[None, :] * O + rows[:, None],
-                      mask=mj[:, None] & mkk[None, :], other=0.0)
-        gk = tl.load(gk_ptr + k.to(tl.int64)[:, None] * C + c[None, :],
-                     mask=mkk[:, None] & mc[None, :], other=0.0)
-        G += tl.dot(w2t, gk, input_precision=PREC)
-    if HAS_GA2:
-        G += tl.load(ga2_ptr + off, mask=mk, other=0.0)
-    if DECOMP:
-        ds = a[:, None] * tl.load(ws_ptr + off, mask=mk, other=0.0) \
-            - tl.load(asbar_ptr + moff, mask=mk, other=0.0)
-        G += tl.load(gabar_ptr + moff, mask=mk, other=0.0) / n + g_sp * ds
-    return G
-
-
-@triton.jit
 def _expansion_bwd_kernel(
-    gk_ptr, w2_ptr, ga2_ptr, gabar_ptr, gbbar_ptr, gl_ptr, w_ptr, ws_ptr, a1_ptr, r1_ptr,
-    abar_ptr, asbar_ptr, db_ptr,
-    gw_ptr, gws_ptr, gg_ptr, gb_ptr,
-    C, C_t, n, P, O,
-    HAS_GA2: tl.constexpr, DECOMP: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    ga_ptr, ga2_ptr, gabar_ptr, gsum_ptr, gout_ptr, w_ptr, ws_ptr, a1_ptr, r1_ptr,
+    abar_ptr, asbar_ptr, db_ptr, m_ptr,
+    gw_ptr, gws_ptr, gg_ptr, gb_ptr, wv_ptr,
+    C, C_t, n, P, coef,
+    HAS_GA2: tl.constexpr, DECOMP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Program pid: teacher rows j in [pid*BLOCK_R, +BLOCK_R), one segment after another.
 
-    With G the total gradient of A (`_grad_tile`: W2^T g_K from gk_ptr (C, C) and
-    w2_ptr W2 (C, O), formed once in the first pass and kept in gw_ptr until the second
-    overwrites it; gl_ptr the loss gradient already divided by C_t P, g_sp = 2 P gl):
+    gl = gout_ptr[0] * coef (the loss gradient divided by C_t P), g_sp = 2 P gl. With G
+    the total gradient of A, gA (+ gA2) (+ gAbar / n + g_sp DS_i, DS_i = a1 W1 S_i - ASbar:
+    the spread's d/dA_i = 2 D_i S), formed in the first pass and kept in gw_ptr until the
+    second overwrites it:
         g_a1 = rowdot(G, W1), g_gamma1 = g_a1 r1, g_var = -a1 r1^2 g_a1 / 2
         gW1 = a1 G + 2 g_var W1 S,   gW1S = g_var W1 (+ P gl a1 (A_i - Abar))
-        gbeta1 = gbbar / n + g_sp db                                   (DECOMP)
+        gbeta1 = gbbar / n + g_sp db                                     (DECOMP)
+        wv = -(2 rowdot(gW1S, m) + a1 s) / P, s = gbbar / n (DECOMP) or gsum (the direct
+             loss's dbeta1): W1^T wv is the gradient's constant per student channel,
+             -(2 g_S m + Abar^T dbbar) / P (docs/design.md section 8)
     gW1S is the gradient of the product W1 S: the caller forms g_S = W1^T gW1S.
+    gsum_ptr: dbbar (C_t,) with DECOMP, else the direct loss's dbeta1 (O,).
     """
     pid = tl.program_id(0)
     j = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mj = j < C_t
-    gl = tl.load(gl_ptr)
+    gl = tl.load(gout_ptr).to(tl.load(w_ptr).dtype) * coef
     g_sp = gl * (2 * P)
     g_half = gl * P
+    if DECOMP:
+        gbb = tl.load(gsum_ptr + j, mask=mj, other=0.0) / n
     for i in range(n):
         rows = (i * C_t + j).to(tl.int64)
         a = tl.load(a1_ptr + rows, mask=mj, other=0.0)
@@ -204,99 +176,100 @@ def _expansion_bwd_kernel(
         ga1 = tl.zeros((BLOCK_R,), dtype=gl.dtype)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            mc = c < C
-            mk = mj[:, None] & mc[None, :]
+            mk = mj[:, None] & (c < C)[None, :]
             off = rows[:, None] * C + c[None, :]
-            moff = j.to(tl.int64)[:, None] * C + c[None, :]
-            G = _grad_tile(gk_ptr, w2_ptr, ga2_ptr, gabar_ptr, ws_ptr, asbar_ptr, a, rows, mj,
-                           c, mc, off, moff, mk, n, O, C, g_sp, HAS_GA2, DECOMP, PREC,
-                           BLOCK_R, BLOCK_C, BLOCK_K)
+            G = tl.load(ga_ptr + off, mask=mk, other=0.0)
+            if HAS_GA2:
+                G += tl.load(ga2_ptr + off, mask=mk, other=0.0)
+            if DECOMP:
+                moff = j.to(tl.int64)[:, None] * C + c[None, :]
+                ds = a[:, None] * tl.load(ws_ptr + off, mask=mk, other=0.0) \
+                    - tl.load(asbar_ptr + moff, mask=mk, other=0.0)
+                G += tl.load(gabar_ptr + moff, mask=mk, other=0.0) / n + g_sp * ds
             tl.store(gw_ptr + off, G, mask=mk)
             ga1 += tl.sum(G * tl.load(w_ptr + off, mask=mk, other=0.0), axis=1)
         tl.debug_barrier()
         tl.store(gg_ptr + rows, ga1 * r, mask=mj)
         gvar = ga1 * a * r * r * -0.5
+        u = tl.zeros((BLOCK_R,), dtype=gl.dtype)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
-            mk = mj[:, None] & (c < C)[None, :]
+            mc = c < C
+            mk = mj[:, None] & mc[None, :]
             off = rows[:, None] * C + c[None, :]
-            moff = j.to(tl.int64)[:, None] * C + c[None, :]
             G = tl.load(gw_ptr + off, mask=mk, other=0.0)
             w = tl.load(w_ptr + off, mask=mk, other=0.0)
             ws = tl.load(ws_ptr + off, mask=mk, other=0.0)
             tl.store(gw_ptr + off, a[:, None] * G + (2 * gvar)[:, None] * ws, mask=mk)
             gws = gvar[:, None] * w
             if DECOMP:
+                moff = j.to(tl.int64)[:, None] * C + c[None, :]
                 abar = tl.load(abar_ptr + moff, mask=mk, other=0.0)
                 gws += (g_half * a)[:, None] * (a[:, None] * w - abar)
             tl.store(gws_ptr + off, gws, mask=mk)
+            u += tl.sum(gws * tl.load(m_ptr + c, mask=mc, other=0.0)[None, :], axis=1)
         if DECOMP:
-            gbb = tl.load(gbbar_ptr + j, mask=mj, other=0.0)
             d = tl.load(db_ptr + rows, mask=mj, other=0.0)
-            tl.store(gb_ptr + rows, gbb / n + g_sp * d, mask=mj)
+            tl.store(gb_ptr + rows, gbb + g_sp * d, mask=mj)
+            s = gbb
+        else:
+            s = tl.load(gsum_ptr + rows, mask=mj, other=0.0)
+        tl.store(wv_ptr + rows, -(2 * u + a * s) / P, mask=mj)
 
 
-def _blocks(C_t: int, C: int, dtype: torch.dtype, interpreted: bool
-            ) -> Tuple[int, int, int, int]:
-    """(BLOCK_R, BLOCK_C, BLOCK_K, num_warps). Interpreter: blocks covering the problem
-    (fewest programs). GPU: 16 rows x 64 columns, K slabs of 32 (16 in float64), 4 warps:
-    C_t / 16 programs, each forming its n * 16 rows of W1 S (forward) or W2^T g_K
-    (backward) with exact FMA dots and streaming W1 and W1 S twice."""
+def _blocks(C_t: int, C: int, dtype: torch.dtype, interpreted: bool) -> Tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps). Interpreter: blocks covering the problem (fewest
+    programs). GPU: 16 rows x 128 columns (32 in float64: 128 and 64 spill 16-36 bytes in the
+    decomposed backward, sm_90), 4 warps (elementwise tiles, 16 values a thread):
+    C_t / 16 programs, each streaming its n * 16 rows of W1 and W1 S twice."""
     if interpreted:
-        bc = tlaunch.pow2_block(C, 16, 256)
-        return tlaunch.pow2_block(C_t, 16, 64), bc, bc, 1
-    return 16, tlaunch.pow2_block(C, 16, 64), 16 if dtype == torch.float64 else 32, 4
+        return tlaunch.pow2_block(C_t, 16, 64), tlaunch.pow2_block(C, 16, 256), 1
+    return 16, tlaunch.pow2_block(C, 16, 32 if dtype == torch.float64 else 128), 4
 
 
-def expansion_forward(W1: Tensor, S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
+def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
                       mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
                       part_scale: float, n: int, decomposed: bool) -> Tuple[Tensor, ...]:
     """See `norm_fast.ops.eager.expansion_forward` (same arguments and results)."""
     O, C = W1.shape
     C_t = O // n
     dev, dt = W1.device, W1.dtype
-    interpreted = tlaunch.uses_interpreter(W1)
-    br, bc, bk, warps = _blocks(C_t, C, dt, interpreted)
-    grid = (tlaunch.cdiv(C_t, br),)
-    W1S = torch.empty((O, C), dtype=dt, device=dev)
+    br, bc, warps = _blocks(C_t, C, dt, tlaunch.uses_interpreter(W1))
     # separate buffers (a custom op's results may not alias): allocations, no launches
     a1, r1, mean1, var1u, c1 = (torch.empty((O,), dtype=dt, device=dev) for _ in range(5))
     A = torch.empty((O, C), dtype=dt, device=dev)
     shapes = [(C_t, C), (C_t, C), (C_t,), (O,), (C_t,)] if decomposed else [(0,)] * 5
     abar, asbar, bbar, db, part = (torch.empty(s, dtype=dt, device=dev) for s in shapes)
     tlaunch.launch(
-        _expansion_fwd_kernel, grid,
-        (W1, S, W1S, gamma, beta, origin, mean, sigma, inv, a1, r1, A, mean1, var1u, c1,
+        _expansion_fwd_kernel, (tlaunch.cdiv(C_t, br),),
+        (W1, W1S, gamma, beta, origin, mean, sigma, inv, a1, r1, A, mean1, var1u, c1,
          *((abar, asbar, bbar, db, part) if decomposed else (a1,) * 5),
          C, C_t, n, float(eps), float(unbias), float(part_scale)),
-        dict(DECOMP=bool(decomposed), PREC="ieee", BLOCK_R=br, BLOCK_C=bc, BLOCK_K=bk), dev,
-        num_warps=warps, num_stages=1)
-    return W1S, a1, r1, A, mean1, var1u, c1, abar, asbar, bbar, db, part
+        dict(DECOMP=bool(decomposed), BLOCK_R=br, BLOCK_C=bc), dev, num_warps=warps,
+        num_stages=1)
+    return a1, r1, A, mean1, var1u, c1, abar, asbar, bbar, db, part
 
 
-def expansion_backward(gK: Tensor, W2: Tensor, gA2: Tensor, gAbar: Tensor, gbbar: Tensor, gl: Tensor,
-                       W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor, Abar: Tensor,
-                       ASbar: Tensor, db: Tensor, P: int, n: int, decomposed: bool
-                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gsum: Tensor, g_out: Tensor,
+                       coef: float, W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor,
+                       Abar: Tensor, ASbar: Tensor, db: Tensor, mean: Tensor, P: int, n: int,
+                       decomposed: bool) -> Tuple[Tensor, ...]:
     """See `norm_fast.ops.eager.expansion_backward` (same arguments and results)."""
     O, C = W1.shape
     C_t = O // n
     dev, dt = W1.device, W1.dtype
-    interpreted = tlaunch.uses_interpreter(W1)
-    br, bc, bk, warps = _blocks(C_t, C, dt, interpreted)
-    grid = (tlaunch.cdiv(C_t, br),)
+    br, bc, warps = _blocks(C_t, C, dt, tlaunch.uses_interpreter(W1))
     gW1, gW1S = (torch.empty((O, C), dtype=dt, device=dev) for _ in range(2))
-    gg = torch.empty((O,), dtype=dt, device=dev)
+    gg, wv = (torch.empty((O,), dtype=dt, device=dev) for _ in range(2))
     gb = torch.empty((O,) if decomposed else (0,), dtype=dt, device=dev)
     has2 = gA2.numel() > 0
     dummy = gg
     tlaunch.launch(
-        _expansion_bwd_kernel, grid,
-        (gK.contiguous(), W2.contiguous(), gA2 if has2 else dummy, gAbar if decomposed else dummy,
-         gbbar if decomposed else dummy, gl, W1, W1S, a1, r1,
-         Abar if decomposed else dummy, ASbar if decomposed else dummy,
-         db if decomposed else dummy, gW1, gW1S, gg, gb if decomposed else dummy,
-         C, C_t, n, P, O),
-        dict(HAS_GA2=has2, DECOMP=bool(decomposed), PREC="ieee", BLOCK_R=br, BLOCK_C=bc,
-             BLOCK_K=bk), dev, num_warps=warps, num_stages=1)
-    return gW1, gW1S, gg, gb
+        _expansion_bwd_kernel, (tlaunch.cdiv(C_t, br),),
+        (gA.contiguous(), gA2 if has2 else dummy, gAbar if decomposed else dummy, gsum,
+         g_out, W1, W1S, a1, r1, Abar if decomposed else dummy,
+         ASbar if decomposed else dummy, db if decomposed else dummy, mean,
+         gW1, gW1S, gg, gb if decomposed else dummy, wv, C, C_t, n, P, float(coef)),
+        dict(HAS_GA2=has2, DECOMP=bool(decomposed), BLOCK_R=br, BLOCK_C=bc), dev,
+        num_warps=warps, num_stages=1)
+    return gW1, gW1S, gg, gb, wv

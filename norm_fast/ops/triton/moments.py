@@ -174,6 +174,7 @@ def _centred_moments_kernel(
     L, P, C, span,
     sxb, sxc, sxl,
     XDT: tl.constexpr, CDT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    DOT16: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """`_moments_kernel` on xc = (x - origin) / sigma, formed on load, origin = sum / P
@@ -209,12 +210,21 @@ def _centred_moments_kernel(
         if pid_i == pid_j:
             tl.store(xc_ptr + (b[None, :] * C + ci64[:, None]) * L + l[None, :], yi,
                      mask=m_ip)
-        yi = tl.where(m_ip, yi.to(ACC), 0.0)
         yj = _centred_tile(x_ptr, col[:, None] + cj64[None, :] * sxc, m_pj, o_j[None, :], inv,
                            XDT, CDT)
-        yj = tl.where(m_pj, yj.to(ACC), 0.0)
-        acc += tl.dot(yi, yj, input_precision=PREC).to(ACC)
-        row_sum += tl.sum(yi, axis=1)
+        if DOT16:
+            # 16-bit xc: its products are exact in float32, so each BLOCK_P slab is
+            # summed on tensor cores in float32 and the slabs in float64. (A float64 dot
+            # of 16-bit values does not compile for sm_90 with Triton 3.6.)
+            yi = tl.where(m_ip, yi, tl.zeros_like(yi))
+            yj = tl.where(m_pj, yj, tl.zeros_like(yj))
+            acc += tl.dot(yi, yj).to(ACC)
+            row_sum += tl.sum(yi.to(ACC), axis=1)
+        else:
+            yi = tl.where(m_ip, yi.to(ACC), 0.0)
+            yj = tl.where(m_pj, yj.to(ACC), 0.0)
+            acc += tl.dot(yi, yj, input_precision=PREC).to(ACC)
+            row_sum += tl.sum(yi, axis=1)
     base = pid_s.to(tl.int64) * C * C
     tl.store(cov_ptr + base + ci64[:, None] * C + cj64[None, :], acc,
              mask=mask_i[:, None] & mask_j[None, :])
@@ -348,6 +358,8 @@ def centred_moments(x: Tensor) -> Tuple[Tensor, ...]:
         dev, num_warps=4)
     acc = torch.float64
     bi, bj, bp, splits, warps = _blocks(P, C, interpreted)
+    if x.dtype == torch.float64 and not interpreted:
+        bp = 16  # float64 tiles: 32 positions spill 36 bytes (sm_90, Triton 3.9)
     span = tlaunch.cdiv(tlaunch.cdiv(P, splits), bp) * bp
     splits = tlaunch.cdiv(P, span)
     cov_part = torch.empty((splits, C, C), dtype=acc, device=dev)
@@ -356,7 +368,10 @@ def centred_moments(x: Tensor) -> Tuple[Tensor, ...]:
         _centred_moments_kernel, (tlaunch.cdiv(C, bi), tlaunch.cdiv(C, bj), splits),
         (x, sums, amax, xc, cov_part, sum_part, L, P, C, span, *x.stride()),
         dict(XDT=tlaunch.tl_dtype(x.dtype), CDT=tlaunch.tl_dtype(cdt),
-             ACC=tlaunch.tl_dtype(acc), PREC="ieee", BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bp),
+             ACC=tlaunch.tl_dtype(acc), PREC="ieee",
+             # the interpreter's dot misreads 16-bit operands (launch.dot_dtypes)
+             DOT16=x.dtype in (torch.float16, torch.bfloat16) and not interpreted,
+             BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bp),
         dev, num_warps=warps)
     bf = _finalize_blocks(C, interpreted)
     tlaunch.launch(
