@@ -208,7 +208,8 @@ def cost_model(B: int, C_s: int, C_t: int, H: int, W: int, n: int,
 # GPU_EFFICIENCY (an estimate: nothing here was measured on a GPU yet), and the device
 # operations of one training step as tests/launch_count.py counts them (asserted equal
 # in tests/test_launch_count.py, so this table cannot drift from the code; the CUDA
-# extension's are its CPU twin's, whose host code is the same). Deterministic in the
+# extension's are counted on CPU as its C++ twin taking the CUDA route, the same host
+# code). Deterministic in the
 # shapes: every DDP rank with the same per-rank batch chooses the same algorithm.
 GPU_RATES = {"bfloat16": 989e12, "float16": 989e12, "tf32": 494e12, "float32": 67e12,
              "float64": 67e12}                      # flop/s (a multiply-add is 2 flop)
@@ -218,10 +219,10 @@ LAUNCH_S = 5e-6                                     # host time of one device op
 KERNEL_FLOOR_S = 2e-6                               # device time of one small kernel
 LAUNCHES = {("torch", "literal"): 21,               # tests/test_launch_count.py
             ("triton", "direct"): 33, ("triton", "decomposed"): 34,
-            ("cpp", "direct"): 102, ("cpp", "decomposed"): 118,
+            ("cpp", "direct"): 146, ("cpp", "decomposed"): 175,
+            ("cuda", "direct"): 102, ("cuda", "decomposed"): 118,
             ("torch", "decomposed"): 120}
 
-_TWIN = {"cuda": "cpp"}   # a backend whose count stands for another's
 _LITERAL_PASSES = 12      # reads + writes of the N*C_t*P expanded tensors, fwd + bwd
 
 
@@ -254,7 +255,7 @@ def gpu_time_model(B: int, C_s: int, C_t: int, H: int, W: int, n: int, backend: 
         if algo == "literal":
             key = ("torch", "literal")
         else:
-            key = (_TWIN.get(backend, backend), algo)
+            key = (backend, algo)
         launches = LAUNCHES.get(key, LAUNCHES[("torch", "decomposed")])
         device = (f_fast / fast + f_exact / exact + (io + extra) / GPU_BANDWIDTH
                   + launches * KERNEL_FLOOR_S)

@@ -147,7 +147,7 @@ class NORM(nn.Module):
                  sync=None, precision: str = "ieee"):
         """FT and loss from the moments of f_s (docs/design.md sections 3-4); nothing of
         size N*C_t*P. Y = A (X - shift) + b; features = contraction of Y (+ f_s)."""
-        if train_step.eligible(self, f_s, f_t, sync):
+        if train_step.eligible(self, f_s, f_t, sync, backend):
             return train_step.run(self, f_s, f_t, backend, algorithm, precision)
         n, C_t = self.n, self.teacher_channels
         cdt = compute_dtype(f_s.dtype)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from norm_fast import NORM
+from unittest import mock
+
+from norm_fast import NORM, train_step
 
 from conftest import paths_for
 from launch_count import count_training_step
@@ -23,7 +25,13 @@ from launch_count import count_training_step
 B, C_S, C_T, H, W, N = 2, 8, 6, 4, 4, 2
 
 
-def _step(backend, algorithm):
+def _step(backend, algorithm, cuda_route=False):
+    """Counts of one step; cuda_route: the C++ kernel set taking the route CUDA tensors
+    take (the fused training step, `train_step.COMPOSED_ON_CPU`), standing for the CUDA
+    extension, whose host code is the same."""
+    if cuda_route:
+        with mock.patch.object(train_step, "COMPOSED_ON_CPU", ()):
+            return _step(backend, algorithm)
     torch.manual_seed(0)
     mod = NORM(C_S, C_T, N, batchnorm=True, residual=True, backend=backend,
                algorithm=algorithm)
@@ -59,8 +67,13 @@ def test_print_launch_counts(capsys):
              f"{H}x{W} n={N} (BatchNorm, residual); literal = {literal}",
              f"{'backend':8} {'algorithm':11} {'total':>5} {'aten':>5} {'triton':>6} "
              f"{'literal':>7}"]
-    for backend, algorithm in PATHS:
-        c = _step(backend, algorithm)
+    for backend, algorithm in PATHS + [("cuda", "direct"), ("cuda", "decomposed")]:
+        if backend == "cuda":
+            if ("cpp", algorithm) not in PATHS:
+                continue
+            c = _step("cpp", algorithm, cuda_route=True)
+        else:
+            c = _step(backend, algorithm)
         lines.append(f"{backend:8} {algorithm:11} {c.total:5d} {c.aten:5d} {c.triton:6d} "
                      f"{literal:7d}")
     with capsys.disabled():
@@ -88,13 +101,16 @@ def test_launch_budget(algorithm, capsys):
 
 @pytest.mark.parametrize("path", [("torch", "direct"), ("torch", "decomposed"),
                                   ("triton", "direct"), ("triton", "decomposed"),
-                                  ("cpp", "direct"), ("cpp", "decomposed")],
+                                  ("cpp", "direct"), ("cpp", "decomposed"),
+                                  ("cuda", "direct"), ("cuda", "decomposed")],
                          ids=lambda p: "-".join(p))
 def test_gpu_model_launch_table_is_the_measured_count(path):
     """dispatch.LAUNCHES, the launch term of the GPU time model, is what this counter
-    measures: a change of the code's operator count fails here until the table follows."""
+    measures: a change of the code's operator count fails here until the table follows.
+    ("cuda", ...) is counted as the C++ twin on the CUDA route (`_step`)."""
     from norm_fast import dispatch
-    if path not in PATHS:
-        pytest.skip(f"{path[0]} not available here")
+    twin = ("cpp", path[1]) if path[0] == "cuda" else path
+    if twin not in PATHS:
+        pytest.skip(f"{twin[0]} not available here")
     key = ("torch", "literal") if path == ("torch", "direct") else path
-    assert dispatch.LAUNCHES[key] == _step(*path).total
+    assert dispatch.LAUNCHES[key] == _step(*twin, cuda_route=path[0] == "cuda").total
