@@ -349,7 +349,7 @@ def gpu_kernel_builds(dtype, precision="ieee", L=49):
     kernels = {
         "fwd": (expand_mse._expand_mse_fwd_kernel, dict(STORE_ERR=True)),
         "bwd": (expand_mse._expand_mse_bwd_err_kernel,
-                dict(WRITE_E=True, WRITE_XC=True, WRITE_DT=True)),
+                dict(WRITE_E=True, WRITE_XC=True, WRITE_DT=True, E_BKL=False)),
     }
     for kind, (kernel, flags) in kernels.items():
         for bp, bc, bk, warps, stages in expand_mse.GPU_CONFIGS[kind][dtype]:
@@ -398,9 +398,9 @@ def fused_step_builds(dtype, precision="ieee", L=49):
                    warps, stages)
     if precision != "ieee":
         return  # the rest is exact whatever the precision
-    yield ("channel-stats 16x256 w4 s2", moments_mod._channel_stats_kernel,
+    yield ("channel-stats 16x128 w4 s2", moments_mod._channel_stats_kernel,
            dict(x_ptr=io, sum_ptr=f64, amax_ptr=acc),
-           dict(AMAX=tl_cdt, BLOCK_C=16, BLOCK_P=256), 4, 2)
+           dict(AMAX=tl_cdt, BLOCK_C=16, BLOCK_P=128), 4, 2)
     bi, bj, bpm, _, warps_m = moments_mod._blocks(10**6, 512, False)
     bpm = 16 if dtype == torch.float64 else bpm     # as moments.centred_moments launches
     yield (f"moments-centred {bi}x{bj}x{bpm} w{warps_m} s2",

@@ -42,6 +42,15 @@ def _rsqrt(x):
 
 
 @triton.jit
+def _slab(c0, rows, mj, C, BLOCK_C: tl.constexpr):
+    """Columns c0 + [0, BLOCK_C) of the (BLOCK_R, C) rows `rows` (int64) of an (O, C)
+    matrix: c, its mask, the tile's mask and offsets."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    mc = c < C
+    return c, mc, mj[:, None] & mc[None, :], rows[:, None] * C + c[None, :]
+
+
+@triton.jit
 def _expansion_fwd_kernel(
     w_ptr, ws_ptr, g_ptr, b_ptr, o_ptr, m_ptr, sig_ptr, inv_ptr,
     a1_ptr, r1_ptr, A_ptr, mean1_ptr, var1u_ptr, c1_ptr, abar_ptr, asbar_ptr, bbar_ptr,
@@ -73,10 +82,7 @@ def _expansion_fwd_kernel(
         mu = tl.zeros((BLOCK_R,), dtype=sig.dtype)
         wm = tl.zeros((BLOCK_R,), dtype=sig.dtype)
         for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            mc = c < C
-            mk = mj[:, None] & mc[None, :]
-            off = rows[:, None] * C + c[None, :]
+            c, mc, mk, off = _slab(c0, rows, mj, C, BLOCK_C)
             w = tl.load(w_ptr + off, mask=mk, other=0.0)
             ws = tl.load(ws_ptr + off, mask=mk, other=0.0)
             mean = tl.load(m_ptr + c, mask=mc, other=0.0)
@@ -175,9 +181,7 @@ def _expansion_bwd_kernel(
         r = tl.load(r1_ptr + rows, mask=mj, other=0.0)
         ga1 = tl.zeros((BLOCK_R,), dtype=gl.dtype)
         for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            mk = mj[:, None] & (c < C)[None, :]
-            off = rows[:, None] * C + c[None, :]
+            c, _, mk, off = _slab(c0, rows, mj, C, BLOCK_C)
             G = tl.load(ga_ptr + off, mask=mk, other=0.0)
             if HAS_GA2:
                 G += tl.load(ga2_ptr + off, mask=mk, other=0.0)
@@ -193,10 +197,7 @@ def _expansion_bwd_kernel(
         gvar = ga1 * a * r * r * -0.5
         u = tl.zeros((BLOCK_R,), dtype=gl.dtype)
         for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            mc = c < C
-            mk = mj[:, None] & mc[None, :]
-            off = rows[:, None] * C + c[None, :]
+            c, mc, mk, off = _slab(c0, rows, mj, C, BLOCK_C)
             G = tl.load(gw_ptr + off, mask=mk, other=0.0)
             w = tl.load(w_ptr + off, mask=mk, other=0.0)
             ws = tl.load(ws_ptr + off, mask=mk, other=0.0)

@@ -36,6 +36,38 @@ from . import launch as tlaunch
 
 
 @triton.jit
+def _pair_tiles(C, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The channel tiles of program (pid_i, pid_j): ci, cj, their masks, int64 copies."""
+    ci = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    cj = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    return ci, cj, ci < C, cj < C, ci.to(tl.int64), cj.to(tl.int64)
+
+
+@triton.jit
+def _position_slab(p0, P, L, sxb, sxl, mask_i, mask_j, BLOCK_P: tl.constexpr):
+    """Positions p0 + [0, BLOCK_P) (p = b*L + l): b, l (int64; batch stride * B can pass
+    2**31), the offsets b*sxb + l*sxl, and the masks of the (i, p) and (p, j) tiles."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    mask_p = p < P
+    b = (p // L).to(tl.int64)
+    l = (p % L).to(tl.int64)
+    return (b, l, b * sxb + l * sxl, mask_i[:, None] & mask_p[None, :],
+            mask_p[:, None] & mask_j[None, :])
+
+
+@triton.jit
+def _store_partials(cov_ptr, sum_ptr, acc, row_sum, ci, ci64, cj64, mask_i, mask_j, C):
+    """This split's Gram tile, and (first column of programs only: the same value
+    everywhere) its row sums."""
+    pid_s = tl.program_id(2)
+    base = pid_s.to(tl.int64) * C * C
+    tl.store(cov_ptr + base + ci64[:, None] * C + cj64[None, :], acc,
+             mask=mask_i[:, None] & mask_j[None, :])
+    writer = (ci * 0 + tl.program_id(1)) == 0
+    tl.store(sum_ptr + pid_s.to(tl.int64) * C + ci64, row_sum, mask=mask_i & writer)
+
+
+@triton.jit
 def _moments_kernel(
     x_ptr, s_ptr, cov_ptr, sum_ptr,
     L, P, C, span,
@@ -54,28 +86,15 @@ def _moments_kernel(
     cov_ptr (splits, C, C) ACC: sum_p (x_i - s_i)(x_j - s_j) over this split
     sum_ptr (splits, C) ACC: sum_p (x_i - s_i), written by the pid_j == 0 programs
     """
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    ci = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    cj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    mask_i = ci < C
-    mask_j = cj < C
-    ci64 = ci.to(tl.int64)
-    cj64 = cj.to(tl.int64)
+    ci, cj, mask_i, mask_j, ci64, cj64 = _pair_tiles(C, BLOCK_I, BLOCK_J)
     s_i = tl.load(s_ptr + ci, mask=mask_i, other=0.0)
     s_j = tl.load(s_ptr + cj, mask=mask_j, other=0.0)
 
     acc = tl.full((BLOCK_I, BLOCK_J), 0.0, ACC)
     row_sum = tl.full((BLOCK_I,), 0.0, ACC)
-    start = pid_s * span
+    start = tl.program_id(2) * span
     for p0 in range(start, start + span, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = p < P
-        # int64 offsets: batch stride * B can pass 2**31.
-        col = (p // L).to(tl.int64) * sxb + (p % L).to(tl.int64) * sxl
-        m_ip = mask_i[:, None] & mask_p[None, :]
-        m_pj = mask_p[:, None] & mask_j[None, :]
+        _, _, col, m_ip, m_pj = _position_slab(p0, P, L, sxb, sxl, mask_i, mask_j, BLOCK_P)
         # Shift on load; out-of-range entries must be 0 *after* the shift.
         xi = tl.load(x_ptr + ci64[:, None] * sxc + col[None, :], mask=m_ip, other=0.0)
         xi = tl.where(m_ip, xi.to(ACC) - s_i[:, None], 0.0)
@@ -84,13 +103,7 @@ def _moments_kernel(
         xj = tl.where(m_pj, xj.to(ACC) - s_j[None, :], 0.0)
         acc += tl.dot(xi, xj, input_precision=PREC).to(ACC)
         row_sum += tl.sum(xi, axis=1)
-
-    base = pid_s.to(tl.int64) * C * C
-    tl.store(cov_ptr + base + ci64[:, None] * C + cj64[None, :], acc,
-             mask=mask_i[:, None] & mask_j[None, :])
-    # Only the first column of programs writes the row sums (same value everywhere).
-    writer = (ci * 0 + pid_j) == 0
-    tl.store(sum_ptr + pid_s.to(tl.int64) * C + ci64, row_sum, mask=mask_i & writer)
+    _store_partials(cov_ptr, sum_ptr, acc, row_sum, ci, ci64, cj64, mask_i, mask_j, C)
 
 
 def _blocks(P: int, C: int, interpreted: bool):
@@ -182,32 +195,18 @@ def _centred_moments_kernel(
     (pid_i == pid_j) also store xc (B, C, L) contiguous for the ops that follow, so x is
     read once here and xc never needs a pass of its own. Partials as `_moments_kernel`
     with no shift (xc is centred up to rounding)."""
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    ci = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    cj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    mask_i = ci < C
-    mask_j = cj < C
-    ci64 = ci.to(tl.int64)
-    cj64 = cj.to(tl.int64)
+    ci, cj, mask_i, mask_j, ci64, cj64 = _pair_tiles(C, BLOCK_I, BLOCK_J)
     _, inv = _range_scale(amax_ptr, C, CDT, 128)
     o_i = (tl.load(sum_ptr + ci, mask=mask_i, other=0.0) / P).to(CDT)
     o_j = (tl.load(sum_ptr + cj, mask=mask_j, other=0.0) / P).to(CDT)
     acc = tl.full((BLOCK_I, BLOCK_J), 0.0, ACC)
     row_sum = tl.full((BLOCK_I,), 0.0, ACC)
-    start = pid_s * span
+    start = tl.program_id(2) * span
     for p0 in range(start, start + span, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = p < P
-        b = (p // L).to(tl.int64)
-        l = (p % L).to(tl.int64)
-        col = b * sxb + l * sxl
-        m_ip = mask_i[:, None] & mask_p[None, :]
-        m_pj = mask_p[:, None] & mask_j[None, :]
+        b, l, col, m_ip, m_pj = _position_slab(p0, P, L, sxb, sxl, mask_i, mask_j, BLOCK_P)
         yi = _centred_tile(x_ptr, ci64[:, None] * sxc + col[None, :], m_ip, o_i[:, None], inv,
                            XDT, CDT)
-        if pid_i == pid_j:
+        if tl.program_id(0) == tl.program_id(1):
             tl.store(xc_ptr + (b[None, :] * C + ci64[:, None]) * L + l[None, :], yi,
                      mask=m_ip)
         yj = _centred_tile(x_ptr, col[:, None] + cj64[None, :] * sxc, m_pj, o_j[None, :], inv,
@@ -225,11 +224,7 @@ def _centred_moments_kernel(
             yj = tl.where(m_pj, yj.to(ACC), 0.0)
             acc += tl.dot(yi, yj, input_precision=PREC).to(ACC)
             row_sum += tl.sum(yi, axis=1)
-    base = pid_s.to(tl.int64) * C * C
-    tl.store(cov_ptr + base + ci64[:, None] * C + cj64[None, :], acc,
-             mask=mask_i[:, None] & mask_j[None, :])
-    writer = (ci * 0 + pid_j) == 0
-    tl.store(rsum_ptr + pid_s.to(tl.int64) * C + ci64, row_sum, mask=mask_i & writer)
+    _store_partials(cov_ptr, rsum_ptr, acc, row_sum, ci, ci64, cj64, mask_i, mask_j, C)
 
 
 @triton.jit
@@ -245,12 +240,7 @@ def _moments_finalize_kernel(
     mean = ybar, and also the origin sum / P and (sigma, 1/sigma) of `_range_scale`."""
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
-    ci = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    cj = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
-    mask_i = ci < C
-    mask_j = cj < C
-    ci64 = ci.to(tl.int64)
-    cj64 = cj.to(tl.int64)
+    ci, cj, mask_i, mask_j, ci64, cj64 = _pair_tiles(C, BLOCK_I, BLOCK_J)
     m2 = mask_i[:, None] & mask_j[None, :]
     g = tl.zeros((BLOCK_I, BLOCK_J), dtype=tl.float64)
     si = tl.zeros((BLOCK_I,), dtype=tl.float64)
@@ -354,7 +344,8 @@ def centred_moments(x: Tensor) -> Tuple[Tensor, ...]:
         _channel_stats_kernel, (tlaunch.cdiv(C, bcs),),
         (x, sums, amax, L, P, C, *x.stride()),
         dict(AMAX=tlaunch.tl_dtype(cdt), BLOCK_C=bcs,
-             BLOCK_P=tlaunch.pow2_block(P, 16, 512 if interpreted else 256)),
+             # GPU: 16 x 128 tiles (x 256 spills 8 bytes in float32 with Triton 3.6)
+             BLOCK_P=tlaunch.pow2_block(P, 16, 512 if interpreted else 128)),
         dev, num_warps=4)
     acc = torch.float64
     bi, bj, bp, splits, warps = _blocks(P, C, interpreted)
