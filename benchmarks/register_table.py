@@ -5,8 +5,10 @@
 
 Compiles ahead of time (Triton frontend, LLVM, ptxas; no GPU) every build a GPU run may
 launch: both expand_mse kernels at each configuration of `GPU_CONFIGS`, x resident or not,
-and the moments kernel, for float32 (ieee and tf32), bfloat16 and float64, with the register
-ceiling the launches use. The builds and the compile helper are the ones
+the moments kernel, and the fused training step's kernels (the error recomputation, the
+channel statistics, centring moments and finalize kernels, the expansion's forward and
+backward), for float32 (ieee and tf32), bfloat16 and float64, with the register ceiling
+the launches use. The builds and the compile helper are the ones
 tests/test_triton_ops.py asserts spill-free. Run it with each Triton version to compare;
 `make triton-compat` (run by .ci/run) does it with Triton 3.6, the GPU machine's, installed
 apart (`pip install --target`, put first on PYTHONPATH), so that a kernel that only the
