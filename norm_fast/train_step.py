@@ -4,30 +4,34 @@ Training with both BatchNorms, the covariance route (P > C_s positions), no sync
 statistics: the case a GPU training loop runs at every step. Composed from autograd-
 visible ops (`module.NORM._fast_ft`), this step issued about 180 device operations
 forward + backward, most of them elementwise ops on C x C and N*C_t x C matrices and
-their autograd mirrors: on a GPU their launch overhead alone outweighs the arithmetic
-(issue 11). Here the forward computes exactly what `_fast_ft` computes, and the backward
-is written by hand (docs/design.md section 8): a few GEMMs on the small matrices, the
-P-sized ops' own backward, and one P-sized accumulation for the student gradient.
+their autograd mirrors: on a GPU their launch overhead alone outweighs the arithmetic.
+Here the forward computes what `_fast_ft` computes, with the small algebra grouped into
+a few custom ops, and the backward is written by hand (docs/design.md section 8): 34
+device operations a step on Triton against the literal's 21.
 
 Notation (docs/design.md sections 3-5): x (B, C, L) the student map, P = B*L, O = n*C_t.
-    xc = (x - o) / sigma            o the batch mean (detached), sigma `algebra.range_scale`
-    m, S = mean, covariance of xc   (`custom_ops.moments`)
+    xc = (x - o) / sigma            o the batch mean (detached), sigma the range scale
+    m, S = mean, covariance of xc   (`custom_ops.centred_moments`, with xc itself)
     var1 = diag(W1 S W1^T), a1 = gamma1 / sqrt(var1 + eps1 / sigma^2), A = diag(a1) W1
     Y = A (xc - m) + beta1          the expanded, normalised map (never formed)
-    K = W2 A, uc = K (xc - m)       the contraction, centred at its batch mean W2 beta1
+    K = W2 A, uc = K xc             the contraction less its per-channel constant W2 c1,
+                                    c1 = beta1 - A m (bn2 removes it; its running mean
+                                    gets it back)
     features = bn2(uc) [+ x],       loss = sum_i ||Y_i - T||^2 / (C_t P) [/ n]
 The loss is the direct pass over the n segments or the decomposed form
     sum = P (spread + ||beta1_i - beta1bar||^2) + n ||Abar (xc - m) + beta1bar - T||^2.
 
-Backward (g_f the features' gradient, g the loss's, scaled by 1 / (C_t P) [/ n]):
-    g_uc, g_gamma2, g_beta2 = batch_norm_backward(g_f)         (one op, as the literal's)
-    g_K = g_uc xc^T, g_xc = K^T g_uc                          (one convolution backward)
-    g_A = W2^T g_K + (loss terms),   g_W2 = g_K A^T
-    g_a1 = rowdot(g_A, W1), g_var1 = -a1 g_a1 / (2 (var1 + eps)), g_gamma1 = g_a1 / sqrt(.)
-    g_W1 = a1 g_A + 2 g_var1 (W1 S),  g_S = W1^T (g_var1 W1 + P g a1 D)   (decomposed)
-    g_xc += (g_S + g_S^T) (xc - m) / P + g_m / P,            g_x = g_f + g_xc / sigma
+Backward (g_f the features' gradient, g the loss's; e the scaled error):
+    g_uc, g_gamma2, g_beta2 = batch_norm_backward(g_f)          one op, as the literal's
+    g_K = g_uc xc^T, K^T g_uc                                   one convolution backward
+    dAbar = e xc^T - (sum e) m^T, sum e, Abar^T e               one convolution backward
+      (direct: dA, dbeta1, A^T e per chunk of recomputed error)
+    g_A = W2^T g_K, g_W2 = g_K A^T                              two GEMMs
+    dW1, dgamma1, dbeta1, the gradient of W1 S and w           `expansion_backward`
+    g_S = W1^T (gradient of W1 S)
+    d/dxc = ... + 2 g_S xc / P + W1^T w,  d/dx = g_f + (d/dxc) / sigma
 (the origin o is detached: every statistic is taken about xc's own mean, so nothing
-depends on it; bn2 removes per-channel constants, so uc's centring needs no gradient).
+depends on it; W1^T w = -(2 g_S m + Abar^T sum e) / P carries the gradient through m).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import algebra, custom_ops
+from . import custom_ops
 from .ops.spec import DEFAULT_CHUNK_BYTES, compute_dtype, gemm_precision
 
 
@@ -69,7 +73,8 @@ def eligible(module: nn.Module, f_s: Tensor, f_t: Optional[Tensor], sync, backen
     track running statistics with a fixed momentum, a teacher whose gradient is not
     wanted, no synchronised statistics, more positions than student channels (with
     P <= C_s the expanded data itself is cheaper and more accurate: `algebra.data_expansion`),
-    and not the C++ kernel set on CPU (`COMPOSED_ON_CPU`)."""
+    running statistics in the compute dtype (a module converted to 16 bits keeps the
+    composed route), and not the C++ kernel set on CPU (`COMPOSED_ON_CPU`)."""
     if f_s.device.type == "cpu" and backend in COMPOSED_ON_CPU:
         return False
     if not (module.training and module.batchnorm and sync is None and f_t is not None):
@@ -79,7 +84,8 @@ def eligible(module: nn.Module, f_s: Tensor, f_t: Optional[Tensor], sync, backen
     for bn in (module.expand_bn, module.contract_bn):
         if not (isinstance(bn, nn.BatchNorm2d) and bn.affine and bn.track_running_stats
                 and bn.running_mean is not None and isinstance(bn.momentum, float)
-                and bn.num_batches_tracked is not None):
+                and bn.num_batches_tracked is not None
+                and bn.running_mean.dtype == compute_dtype(f_s.dtype)):
             return False
     B, C, H, W = f_s.shape
     return B * H * W > C

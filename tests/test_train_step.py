@@ -106,6 +106,8 @@ def test_which_steps_take_the_fused_route():
     mod.contract_bn.momentum = None                     # cumulative average
     assert not _eligible(mod, f_s)
     assert not _eligible(NORM(8, 4, 2, batchnorm=False), f_s)
+    half = NORM(8, 4, 2).bfloat16()                     # 16-bit running statistics
+    assert not _eligible(half, f_s.bfloat16())
 
 
 @pytest.mark.skipif(not TRITON, reason="triton not available")
