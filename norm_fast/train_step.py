@@ -212,11 +212,13 @@ class _TrainStep(torch.autograd.Function):
                 # (through m): all three from one convolution backward (its bias gradient
                 # is sum_p e).
                 e = err * (g_loss * (2 * n * coef))
+                half = dt != cdt   # 16-bit: the bias gradient would come back rounded
                 with gemm_precision(dev, cdt, cfg.precision):
                     g_xl, g_Ab4, g_bbar = torch.ops.aten.convolution_backward(
                         e.view(B, C_t, H, Wd).to(dt), xc, Abar.to(dt)[:, :, None, None],
-                        [C_t], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, True])
-                g_bbar = g_bbar.to(cdt)
+                        [C_t], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                        [True, True, not half])
+                g_bbar = e.sum(dim=(0, 2)) if half else g_bbar
                 g_Abar = torch.addr(g_Ab4.view(C_t, C).to(cdt), g_bbar, m, alpha=-1)
                 g_Al = empty
                 acc.add_(g_xl.view(B, C, -1))
@@ -234,11 +236,14 @@ class _TrainStep(torch.autograd.Function):
                     b1_ = min(B, b0 + step)
                     e = custom_ops.expand_error(x3[b0:b1_], t[b0:b1_], A, b1, m, n, g2,
                                                 cfg.backend, cfg.precision)
+                    half = e.dtype != cdt   # 16-bit e: sum it in float32 instead
                     with gemm_precision(dev, cdt, cfg.precision):
                         g_xl, g_A4, es = torch.ops.aten.convolution_backward(
                             e.view(b1_ - b0, O, H, Wd), xc[b0:b1_],
                             A.to(dt)[:, :, None, None], [O], [1, 1], [0, 0], [1, 1], False,
-                            [0, 0], 1, [True, True, True])
+                            [0, 0], 1, [True, True, not half])
+                    if half:
+                        es = e.sum(dim=(0, 2), dtype=cdt)
                     acc[b0:b1_].add_(g_xl.view(b1_ - b0, C, -1))
                     g_Ad = g_A4 if g_Ad is None else g_Ad.add_(g_A4)
                     g_b1 = es if g_b1 is None else g_b1.add_(es)
