@@ -171,17 +171,30 @@ inline std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& x) {
   const int64_t B = x.size(0), C = x.size(1), L = x.size(2), P = B * L;
   const int64_t item = static_cast<int64_t>(c10::elementSize(cdt));
   const at::Tensor src = as_source(x, cdt, k);
-  at::Tensor cov = at::zeros({C, C}, opts);
-  if (C == 0) return {at::zeros({0}, opts), cov};
+  // The products are summed in float64 (float32 positions are widened chunk by chunk):
+  // a float32 sum over P positions has a relative error of about eps * sqrt(P / 3) on
+  // the diagonal (16 eps at P = 784), and near convergence every per-row scale of the
+  // BatchNorm'd expansion derives from this covariance -- the loss moved by 2-4e-6
+  // where the literal's float64-accumulated statistics err by 3e-7 (docs/design.md s.3).
+  const bool widen = cdt == at::kFloat;
+  at::Tensor cov = at::zeros({C, C}, widen ? opts64 : opts);
+  if (C == 0) return {at::zeros({0}, opts), cov.to(cdt)};
 
   const int64_t K = chunk_positions(k, P, C * item, P), nchunks = ceil_div(P, K);
   const at::Tensor xbuf = at::empty({C * K}, opts);
+  const at::Tensor wbuf = widen ? at::empty({C * K}, opts64) : at::Tensor();
   const at::Tensor chunk_means = at::empty({nchunks, C}, opts64);
   for (int64_t p0 = 0; p0 < P; p0 += K) {
     const int64_t p1 = std::min(P, p0 + K);
     const at::Tensor xp = front(xbuf, C, p1 - p0);
     k.pack_centred(src, p0, p1, xp, chunk_means[p0 / K]);
-    syrk_lower_accumulate(cov, xp, k.syrk_panel);
+    if (widen) {
+      const at::Tensor xw = front(wbuf, C, p1 - p0);
+      xw.copy_(xp);
+      syrk_lower_accumulate(cov, xw, k.syrk_panel);
+    } else {
+      syrk_lower_accumulate(cov, xp, k.syrk_panel);
+    }
   }
   if (k.syrk_panel > 0 && k.syrk_panel < C) mirror_lower(cov, k.syrk_panel);
 
@@ -192,10 +205,10 @@ inline std::tuple<at::Tensor, at::Tensor> moments(const at::Tensor& x) {
   if (nchunks > 1) {
     const at::Tensor dev = chunk_means - mean64;
     const at::Tensor between = at::matmul((dev * counts.unsqueeze(1)).t(), dev);
-    cov.add_(((between + between.t()) * 0.5).to(cdt));  // exactly symmetric
+    cov.add_(((between + between.t()) * 0.5).to(cov.scalar_type()));  // exactly symmetric
   }
   cov.div_(static_cast<double>(P));
-  return {mean64.to(cdt), cov};
+  return {mean64.to(cdt), cov.to(cdt)};
 }
 
 // ---------------------------------------------------------------------------------
