@@ -110,6 +110,8 @@ class Moments:
     in x's coordinates (so mean is a rounding residual when x is centred).
     local_mean, local_cov: of this process's positions (the same tensors without sync).
     count: positions the global statistics cover (int, or 0-dim tensor under sync).
+    raw (B, C, L): f_s itself, when x = raw / sigma - origin and the decomposed loss's
+    residual is better taken from raw (`module.NORM._moments`), else None.
     """
     x: Tensor
     mean: Tensor
@@ -119,6 +121,7 @@ class Moments:
     count: Union[int, Tensor]
     origin: Optional[Tensor] = None
     scale: Optional[Tensor] = None
+    raw: Optional[Tensor] = None
 
 
 def is_one(scale: Tensor) -> bool:
@@ -146,7 +149,10 @@ class Expansion:
     """Y = A (X - shift) + b for the N*C_t expanded channels (X in the coordinates of
     `Moments.x`), plus, for the decomposed loss, Abar (C_t, C) the mean of the n segment
     maps and spread = sum_i <D_i S_local, D_i> with D_i = A_i - Abar (docs/design.md
-    section 4); Abar and spread are None when not asked for. Yc (N*C_t, P): the centred
+    section 4); Abar and spread are None when not asked for. Abar is the exact mean
+    rounded to the compute dtype, spread is taken about it (D_i = A_i - Abar), and
+    Abar_err (C_t, C, float64, no gradient) is Abar minus the exact mean: the decomposed
+    loss corrects for it to first order (`segment_loss.decomposed_sq_sum`). Yc (N*C_t, P): the centred
     expanded data diag(a1) W1 (X - shift), columns p = b*L + l, when the statistics came
     from the data (`data_expansion`, P <= C_s): the contraction then takes the literal's
     order, W2 Yc, rather than the folded map W2 A (docs/design.md section 3)."""
@@ -156,17 +162,42 @@ class Expansion:
     Abar: Optional[Tensor] = None
     spread: Optional[Tensor] = None
     Yc: Optional[Tensor] = None
+    Abar_err: Optional[Tensor] = None
 
 
-def matrix_spread(A: Tensor, AS: Tensor, n: int) -> Tuple[Tensor, Tensor]:
-    """(sum_i <D_i S, D_i>, Abar) by autograd-visible elementwise ops, AS = A S.
+def segment_mean(A: Tensor, n: int) -> Tuple[Tensor, Tensor]:
+    """(Abar, Abar_err): the mean over the n segments of A (n*C_t, C), summed in float64 and
+    rounded to A's dtype, and that rounding (Abar minus the exact mean, float64, detached).
 
-    Elementwise differences, never <A S, A> - n <Abar S, Abar> (docs/design.md section 5:
-    the difference of two totals cancels when the segments agree)."""
+    Near convergence the segments agree to 1e-3 and everything the decomposed loss adds
+    is a deviation from this mean; its rounding (half an ulp of |A|) is first order in
+    the loss unless corrected (docs/design.md section 4)."""
     O, C = A.shape
-    A3, AS3 = A.view(n, O // n, C), AS.view(n, O // n, C)
-    Abar = A3.mean(0)
-    return ((AS3 - AS3.mean(0)) * (A3 - Abar)).sum(), Abar
+    exact = A.detach().view(n, O // n, C).sum(0, dtype=torch.float64) / n
+    Abar = A.view(n, O // n, C).mean(0, dtype=torch.float64).to(A.dtype)
+    return Abar, Abar.detach().to(torch.float64) - exact
+
+
+def matrix_spread(A: Tensor, S: Tensor, n: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(sum_i <D_i S, D_i>, Abar, Abar_err) by autograd-visible ops, D_i = A_i - Abar.
+
+    The product is D S, of the deviations themselves (exact differences of nearly equal
+    segments): never A S - Abar S, whose entries are differences of nearly equal totals
+    with an absolute error of half an ulp of |A S| each, about 6e-5 of D S when the
+    segments agree to 1e-3 (docs/design.md section 4). One GEMM, as A S was."""
+    O, C = A.shape
+    Abar, err = segment_mean(A, n)
+    D = (A.view(n, O // n, C) - Abar).view(O, C)
+    return torch.linalg.vecdot((D @ S).flatten(), D.flatten()), Abar, err
+
+
+def _weighted_mean(w: Tensor, M: Tensor) -> Tensor:
+    """mean_i diag(w_i) M_i (C_t, C) of w (n, C_t) and M (n, C_t, C): one addcmul per
+    segment (a batched product here would run C_t tiny GEMMs)."""
+    acc = M[0] * w[0][:, None]
+    for i in range(1, M.shape[0]):
+        acc.addcmul_(M[i], w[i][:, None])
+    return acc.div_(M.shape[0])
 
 
 class _BNExpansion(torch.autograd.Function):
@@ -177,7 +208,8 @@ class _BNExpansion(torch.autograd.Function):
         otherwise:   scale is a1 itself (eval-mode BatchNorm: from the running variance)
         n_spread > 0: also spread = sum_i <D_i S, D_i> over the n_spread segments, with
         D_i = A_i - Abar, summed elementwise as docs/design.md section 5 demands.
-    -> (A (O, C), Abar (C_t, C) or empty, var1 (O,) or empty, spread 0-dim)
+    -> (A (O, C), Abar (C_t, C) or empty, var1 (O,) or empty, spread 0-dim, Abar_err)
+    (Abar and Abar_err as `segment_mean` returns them; D_i = A_i - Abar.)
 
     var1 is a quadratic form of a covariance computed in floating point: its absolute
     error is about eps_float * |w|^2 * ||S||, so for a direction the batch does not span
@@ -197,54 +229,93 @@ class _BNExpansion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, W1, S, scale, eps: float, batch_stats: bool, n_spread: int):
         O, C = W1.shape
-        W1S = W1 @ S if S is not None else None                 # the one large product
+        n = n_spread
+        f64 = torch.float64
+        T = O // n if n else O
+        if S is None:
+            W1S = None
+        elif n:
+            # the one large product, of the weights centred over the segments:
+            # W1_i S = Wbar S + (W1_i - Wbar) S, so that D_i S below is formed from
+            # deviations and never as a difference of nearly equal rows of W1 S
+            W3 = W1.view(n, T, C)
+            Wbar = W3.mean(0)
+            dW = W3 - Wbar
+            dWS = (dW.view(O, C) @ S).view(n, T, C)
+            WbS = Wbar @ S
+            W1S = (dWS + WbS).view(O, C)
+        else:
+            W1S = W1 @ S
         if batch_stats:
-            var1 = torch.linalg.vecdot(W1S, W1).clamp_min_(0)   # biased batch variance
-            inv = torch.rsqrt(var1 + eps)
-            a1 = scale * inv
+            # var1 = rowdot(W1 S, W1): the products rounded one by one, summed in float64.
+            # A float32 sum over C errs by several ulps, which a1 inherits row by row, and
+            # near convergence the loss's sensitivity to such a row scale is about
+            # 2 eps |Y| / |E| per row (docs/design.md section 3). (Not as Wbar's part plus
+            # the deviations': far from convergence those two cancel.)
+            var64 = (W1S * W1).sum(1, dtype=f64).clamp_min_(0)   # biased batch variance
+            inv64 = torch.rsqrt(var64 + eps)
+            a64 = scale.to(f64) * inv64
+            var1, inv, a1 = var64.to(W1.dtype), inv64.to(W1.dtype), a64.to(W1.dtype)
         else:
             var1, inv, a1 = W1.new_empty(0), None, scale
+            a64 = scale.to(f64)
         A = W1 * a1[:, None]
         D = DS = None
-        if n_spread:
-            n = n_spread
-            A3 = A.view(n, O // n, C)
-            Abar = A3.mean(0)
-            D = (A3 - Abar).view(O, C)
-            AS3 = (W1S * a1[:, None]).view(n, O // n, C)
-            DS = (AS3 - AS3.mean(0)).view(O, C)
+        if n:
+            a2 = a1.view(n, T)
+            am = a64.view(n, T).mean(0)                                  # mean a1, float64
+            # the mean of the A_i: mean a1 times Wbar (float64, C_t x C) plus the mean of
+            # the deviations' products (small near convergence: float32 is enough), and
+            # Abar's rounding
+            exact = am[:, None] * Wbar.to(f64) + (_weighted_mean(a2, dW)).to(f64)
+            Abar = exact.to(W1.dtype)
+            err = Abar.to(f64) - exact
+            D = (A.view(n, T, C) - Abar).view(O, C)
+            # D_i S = (a1_i - mean a1) Wbar S + a1_i dW_i S - mean_k a1_k dW_k S (rows),
+            # elementwise from the deviations (docs/design.md section 4); the mean of a1 in
+            # float64, as a rounded one would add a common error to every D_i S
+            da = (a64.view(n, T) - am).to(W1.dtype).view(n, T, 1)
+            aWSbar = _weighted_mean(a2, dWS)
+            DS = torch.addcmul(-aWSbar, a2.view(n, T, 1), dWS).addcmul_(da, WbS).view(O, C)
             spread = torch.linalg.vecdot(D.flatten(), DS.flatten())
+            ctx.mark_non_differentiable(err)
         else:
-            Abar, spread = W1.new_empty(0), W1.new_zeros(())
+            Abar, spread, err = W1.new_empty(0), W1.new_zeros(()), W1.new_empty(0)
         ctx.save_for_backward(W1, W1S, a1, inv, D, DS)
         ctx.batch_stats, ctx.n_spread = batch_stats, n_spread
-        return A, Abar, var1, spread
+        return A, Abar, var1, spread, err
 
     @staticmethod
-    def backward(ctx, gA, gAbar, gvar1, gspread):
+    def backward(ctx, gA, gAbar, gvar1, gspread, _gerr):
         W1, W1S, a1, inv, D, DS = ctx.saved_tensors
         O, C = W1.shape
         n = ctx.n_spread
-        g = gA.clone() if gA is not None else torch.zeros_like(W1)
-        if n and gAbar is not None:
-            g.view(n, O // n, C).add_(gAbar[None] / n)
+        # (every "x += M * v" is one addcmul_ pass: O x C passes are the cost on CPU)
+        if gA is None:
+            g = torch.zeros_like(W1)
+            if n and gAbar is not None:
+                g.view(n, O // n, C).add_(gAbar[None] / n)
+        elif n and gAbar is not None:
+            g = (gA.view(n, O // n, C) + gAbar[None] / n).view(O, C)
+        else:
+            g = gA.clone()
         gW1S = None                                              # gradient of W1 S
         if n and gspread is not None:
-            g.add_(DS * gspread)
+            g.addcmul_(DS, gspread)
             gW1S = D * (gspread * a1)[:, None]
         ga1 = torch.linalg.vecdot(g, W1)
         if gW1S is not None:
             ga1 = ga1 + torch.linalg.vecdot(D, W1S) * gspread
-        gW1 = g * a1[:, None]
+        gW1 = g.mul_(a1[:, None])
         if gW1S is not None:
-            gW1.add_(DS * (gspread * a1)[:, None])              # = gW1S @ S, as D S = DS
+            gW1.addcmul_(DS, (gspread * a1)[:, None])           # = gW1S @ S, as D S = DS
         if ctx.batch_stats:
             gv = -0.5 * ga1 * a1 * inv * inv                     # d a1 / d var1
             if gvar1 is not None:
                 gv = gv + gvar1
             gscale = ga1 * inv
-            gW1.add_(W1S * (2 * gv)[:, None])
-            gW1S = W1 * gv[:, None] if gW1S is None else gW1S.add_(W1 * gv[:, None])
+            gW1.addcmul_(W1S, (2 * gv)[:, None])
+            gW1S = W1 * gv[:, None] if gW1S is None else gW1S.addcmul_(W1, gv[:, None])
         else:
             gscale = ga1
         gS = W1.transpose(0, 1) @ gW1S if (gW1S is not None and ctx.needs_input_grad[1]) else None
@@ -253,7 +324,7 @@ class _BNExpansion(torch.autograd.Function):
 
 def bn_expansion(W1: Tensor, S: Optional[Tensor], scale: Tensor, eps: float, batch_stats: bool,
                  n_spread: int):
-    """See `_BNExpansion`: (A, Abar, var1, spread)."""
+    """See `_BNExpansion`: (A, Abar, var1, spread, Abar_err)."""
     return _BNExpansion.apply(W1, S, scale, eps, batch_stats, n_spread)
 
 
@@ -294,20 +365,21 @@ def batch_expansion(W1: Tensor, bn: nn.Module, state: BNState, mom: Moments, n_s
         eps = eps / mom.scale.to(W1.dtype).square()   # BN(W1 X) = BN_{eps/s^2}(W1 X/s)
     O, C = W1.shape
     P = mom.x.shape[0] * mom.x.shape[2]
-    Yc = None
+    Yc = err = None
     if not synced and P <= C:
         xc = (mom.x.to(W1.dtype) - mom.mean[None, :, None]).permute(1, 0, 2).reshape(C, P)
         A, Abar, var1, spread, Yc = data_expansion(W1, xc, gamma, eps, n_spread)
     else:
-        A, Abar, var1, spread = _BNExpansion.apply(W1, mom.cov, gamma, eps, True,
-                                                   0 if synced else n_spread)
+        A, Abar, var1, spread, err = _BNExpansion.apply(W1, mom.cov, gamma, eps, True,
+                                                        0 if synced else n_spread)
         if synced and n_spread:
-            spread, Abar = matrix_spread(A, A @ mom.local_cov, n_spread)
+            spread, Abar, err = matrix_spread(A, mom.local_cov, n_spread)
     if state.update:
         mean = mom.mean if mom.origin is None else mom.mean + mom.origin
         update_running(bn, state, W1 @ mean, var1, mom.count, mom.scale)
-    return Expansion(A, beta, mom.mean, Abar if n_spread else None,
-                     spread if n_spread else None, Yc)
+    if not n_spread:
+        return Expansion(A, beta, mom.mean, Yc=Yc)
+    return Expansion(A, beta, mom.mean, Abar, spread, Yc, err)
 
 
 def fixed_expansion(W1: Tensor, bn: Optional[nn.Module], mom: Optional[Moments],
@@ -323,15 +395,15 @@ def fixed_expansion(W1: Tensor, bn: Optional[nn.Module], mom: Optional[Moments],
         A = W1 if s is None else W1 * s                          # acts on mom.x = X / s
         c = W1.new_zeros(W1.shape[0])
         if n_spread and mom is not None:
-            spread, Abar = matrix_spread(A, A @ mom.local_cov, n_spread)
-            return Expansion(A, c, None, Abar, spread)
+            spread, Abar, err = matrix_spread(A, mom.local_cov, n_spread)
+            return Expansion(A, c, None, Abar, spread, Abar_err=err)
         return Expansion(A, c, None)
     a, c = eval_affine(bn, W1.shape[0], W1.dtype, W1.device)
     if s is not None:
         a = a * s
     if n_spread and mom is not None:
-        A, Abar, _, spread = _BNExpansion.apply(W1, mom.local_cov, a, 0.0, False, n_spread)
-        return Expansion(A, c, None, Abar, spread)
+        A, Abar, _, spread, err = _BNExpansion.apply(W1, mom.local_cov, a, 0.0, False, n_spread)
+        return Expansion(A, c, None, Abar, spread, Abar_err=err)
     return Expansion(W1 * a[:, None], c, None)
 
 

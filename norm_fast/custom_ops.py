@@ -170,45 +170,71 @@ def _centred_moments_fake(x, backend):
 
 
 # Not differentiable themselves: the fused training step's backward calls the second.
+@torch.library.custom_op("norm_fast::centre_segments", mutates_args=())
+def centre_segments(W1: Tensor, n: int, backend: str) -> Tensor:
+    """[W1_i - Wbar; Wbar] (O + C_t, C): `ops/eager.centre_segments`."""
+    return _kernels(backend).centre_segments(W1, n)
+
+
+@centre_segments.register_fake
+def _centre_segments_fake(W1, n, backend):
+    O, C = W1.shape
+    return W1.new_empty((O + O // n, C))
+
+
 @torch.library.custom_op("norm_fast::expansion_forward", mutates_args=())
-def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
-                      mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
-                      part_scale: float, n: int, decomposed: bool, backend: str) -> List[Tensor]:
-    """(a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part):
+def expansion_forward(W1: Tensor, W1S: Tensor, WbS: Tensor, gamma: Tensor, beta: Tensor,
+                      origin: Tensor, mean: Tensor, sigma: Tensor, inv: Tensor, eps: float,
+                      unbias: float, part_scale: float, n: int, decomposed: bool,
+                      backend: str) -> List[Tensor]:
+    """(a1, r1, A, mean1, var1u, c1, Abar, DS, Aerr, rb, rcoef, db, part):
     `ops/eager.expansion_forward`."""
-    return list(_kernels(backend).expansion_forward(W1, W1S, gamma, beta, origin, mean, sigma,
-                                                    inv, eps, unbias, part_scale, n,
+    return list(_kernels(backend).expansion_forward(W1, W1S, WbS, gamma, beta, origin, mean,
+                                                    sigma, inv, eps, unbias, part_scale, n,
                                                     decomposed))
 
 
 @expansion_forward.register_fake
-def _expansion_forward_fake(W1, W1S, gamma, beta, origin, mean, sigma, inv, eps, unbias,
+def _expansion_forward_fake(W1, W1S, WbS, gamma, beta, origin, mean, sigma, inv, eps, unbias,
                             part_scale, n, decomposed, backend):
     O, C = W1.shape
     T = O // n
     if decomposed:
-        rest = [W1.new_empty((T, C)), W1.new_empty((T, C)), W1.new_empty((T,)),
-                W1.new_empty((O,)), W1.new_empty((T,))]
+        rest = [W1.new_empty((T, C)), W1.new_empty((O, C)), W1.new_empty((T, C)),
+                W1.new_empty((T,)), W1.new_empty((T,)), W1.new_empty((O,)), W1.new_empty((T,))]
     else:
-        rest = [W1.new_empty((0,)) for _ in range(5)]
+        rest = [W1.new_empty((0,)) for _ in range(7)]
     return [W1.new_empty((O,)), W1.new_empty((O,)), W1.new_empty((O, C)),
             *(W1.new_empty((O,)) for _ in range(3)), *rest]
 
 
 @torch.library.custom_op("norm_fast::expansion_backward", mutates_args=())
 def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gsum: Tensor, g_out: Tensor,
-                       coef: float, W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor,
-                       Abar: Tensor, ASbar: Tensor, db: Tensor, mean: Tensor, P: int, n: int,
-                       decomposed: bool, backend: str) -> List[Tensor]:
+                       coef: float, W1: Tensor, W1S: Tensor, WbS: Tensor, a1: Tensor,
+                       r1: Tensor, A: Tensor, Abar: Tensor, DS: Tensor, db: Tensor,
+                       mean: Tensor, P: int, n: int, decomposed: bool, backend: str
+                       ) -> List[Tensor]:
     """(gW1, gW1S, ggamma, gbeta, wv): `ops/eager.expansion_backward`."""
     return list(_kernels(backend).expansion_backward(gA, gA2, gAbar, gsum, g_out, coef, W1,
-                                                     W1S, a1, r1, Abar, ASbar, db, mean, P,
-                                                     n, decomposed))
+                                                     W1S, WbS, a1, r1, A, Abar, DS, db, mean,
+                                                     P, n, decomposed))
 
 
 @expansion_backward.register_fake
-def _expansion_backward_fake(gA, gA2, gAbar, gsum, g_out, coef, W1, W1S, a1, r1, Abar, ASbar,
-                             db, mean, P, n, decomposed, backend):
+def _expansion_backward_fake(gA, gA2, gAbar, gsum, g_out, coef, W1, W1S, WbS, a1, r1, A, Abar,
+                             DS, db, mean, P, n, decomposed, backend):
     O, C = W1.shape
     return [W1.new_empty((O, C)), W1.new_empty((O, C)), W1.new_empty((O,)),
             W1.new_empty((O,) if decomposed else (0,)), W1.new_empty((O,))]
+
+
+@torch.library.custom_op("norm_fast::decomposed_total", mutates_args=())
+def decomposed_total(part: Tensor, resid: Tensor, Aerr: Tensor, G4: Tensor, rcoef: Tensor,
+                     SR: Tensor, ncoef: float, P: int, backend: str) -> Tensor:
+    """The decomposed loss from its parts: `ops/eager.decomposed_total`."""
+    return _kernels(backend).decomposed_total(part, resid, Aerr, G4, rcoef, SR, ncoef, P)
+
+
+@decomposed_total.register_fake
+def _decomposed_total_fake(part, resid, Aerr, G4, rcoef, SR, ncoef, P, backend):
+    return part.new_empty(())

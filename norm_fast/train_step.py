@@ -6,7 +6,7 @@ visible ops (`module.NORM._fast_ft`), this step issued about 180 device operatio
 forward + backward, most of them elementwise ops on C x C and N*C_t x C matrices and
 their autograd mirrors: on a GPU their launch overhead alone outweighs the arithmetic.
 Here the forward computes what `_fast_ft` computes, with the small algebra grouped into
-a few custom ops, and the backward is written by hand (docs/design.md section 8): 34
+a few custom ops, and the backward is written by hand (docs/design.md section 8): 35
 device operations a step on Triton against the literal's 21.
 
 Notation (docs/design.md sections 3-5): x (B, C, L) the student map, P = B*L, O = n*C_t.
@@ -19,12 +19,16 @@ Notation (docs/design.md sections 3-5): x (B, C, L) the student map, P = B*L, O 
                                     gets it back)
     features = bn2(uc) [+ x],       loss = sum_i ||Y_i - T||^2 / (C_t P) [/ n]
 The loss is the direct pass over the n segments or the decomposed form
-    sum = P (spread + ||beta1_i - beta1bar||^2) + n ||Abar (xc - m) + beta1bar - T||^2.
+    sum = P (spread + ||beta1_i - beta1bar||^2) + n ||Abar (xc - m) + beta1bar - T||^2
+with, near convergence, the first-order corrections for the rounding of Abar and of
+the residual's bias (docs/design.md section 4): they need G4 = sum_p R_p xc_p^T and
+sum_p R_p, the residual's gradient products, which the forward therefore forms (one
+convolution backward) and the backward reuses.
 
 Backward (g_f the features' gradient, g the loss's; e the scaled error):
     g_uc, g_gamma2, g_beta2 = batch_norm_backward(g_f)          one op, as the literal's
     g_K = g_uc xc^T, K^T g_uc                                   one convolution backward
-    dAbar = e xc^T - (sum e) m^T, sum e, Abar^T e               one convolution backward
+    Abar^T e (dAbar, sum e from the forward's G4 and sum R)       one convolution backward
       (direct: dA, dbeta1, A^T e per chunk of recomputed error)
     g_A = W2^T g_K, g_W2 = g_K A^T                              two GEMMs
     dW1, dgamma1, dbeta1, the gradient of W1 S and w           `expansion_backward`
@@ -133,13 +137,20 @@ class _TrainStep(torch.autograd.Function):
         sigma, inv = scales[0], scales[1]
         xc = x3.view(B, C, H, Wd)
 
-        # expansion: statistics, A = diag(a1) W1, the segments' means and spread (one op)
+        # expansion: statistics, A = diag(a1) W1, the segments' means and spread (one op).
+        # For the decomposed loss the product with S is of the weights centred over the
+        # segments, [W1_i - Wbar; Wbar] S, so that D_i S comes from deviations (one GEMM)
         unbias = P / max(P - 1, 1)
         coef = 1.0 / (C_t * P * (n if cfg.mean_reduction else 1))
-        W1S = W1 @ S
-        a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part = \
-            custom_ops.expansion_forward(W1, W1S, g1, b1, o, m, sigma, inv, cfg.eps1, unbias,
-                                         P * coef, n, cfg.decomposed, cfg.backend)
+        O = W1.shape[0]
+        if cfg.decomposed:
+            prod = custom_ops.centre_segments(W1, n, cfg.backend) @ S
+            W1S, WbS = prod[:O], prod[O:]
+        else:
+            W1S, WbS = W1 @ S, W1.new_empty((0,))
+        a1, r1, A, mean1, var1u, c1, Abar, DS, Aerr, rb, rcoef, db, part = \
+            custom_ops.expansion_forward(W1, W1S, WbS, g1, b1, o, m, sigma, inv, cfg.eps1,
+                                         unbias, P * coef, n, cfg.decomposed, cfg.backend)
         # contraction: uc = K xc; its BatchNorm normalises with the batch statistics and
         # updates the running ones in the same pass. bn2 removes per-channel constants,
         # so the centring term is left out of uc and added to the running mean:
@@ -156,10 +167,28 @@ class _TrainStep(torch.autograd.Function):
 
         # loss (segment_loss.direct_sq_sum / decomposed_sq_sum)
         t = f_t.flatten(2)
+        G = SR = None
         if cfg.decomposed:
-            resid, err = custom_ops.expand_mse(x3, t, Abar, bbar, m, 1, True, cfg.backend,
+            # R = Abar (xc - m) + bbar - T = Abar xc + rb - T, rb formed in float64
+            resid, err = custom_ops.expand_mse(x3, t, Abar, rb, None, 1, True, cfg.backend,
                                                cfg.precision)
-            loss = torch.add(part.sum(), resid, alpha=n * coef)   # part: times P coef
+            # G4 = sum_p R_p xc_p^T and SR = sum_p R_p (over P): the residual's gradient products,
+            # formed here (one convolution backward, which the backward then does not
+            # repeat) because the loss's first-order corrections need them: -2 <Aerr, G>
+            # for the rounding of Abar (the D_i then sum to -n Aerr; G = G4 - SR m^T) and
+            # -2 <rho, SR> + P |rho|^2 for that of rb, one kernel with the sum
+            # (per position, err / P: the product cannot overflow where the literal's
+            # gradient, scaled element by element, does not)
+            half = dt != cdt   # 16-bit: the bias gradient would come back rounded
+            with gemm_precision(dev, cdt, cfg.precision):
+                _, G4, SR = torch.ops.aten.convolution_backward(
+                    (err * (1.0 / P)).view(B, C_t, H, Wd).to(dt), xc,
+                    Abar.to(dt)[:, :, None, None], [C_t], [1, 1], [0, 0], [1, 1], False,
+                    [0, 0], 1, [False, True, not half])
+            SR = err.sum(dim=(0, 2)) * (1.0 / P) if half else SR
+            G = G4.view(C_t, C)
+            loss = custom_ops.decomposed_total(part, resid, Aerr, G, rcoef, SR, n * coef, P,
+                                               cfg.backend)
         else:
             err = None
             sq, _ = custom_ops.expand_mse(x3, t, A, b1, m, n, False, cfg.backend,
@@ -167,16 +196,16 @@ class _TrainStep(torch.autograd.Function):
             loss = sq * coef
 
         ctx.cfg, ctx.shape = cfg, (B, C, H, Wd, C_t)
-        ctx.save_for_backward(xc, t, W1, W1S, a1, r1, A, W2, K, m, inv, uc, g2, mu2, istd2,
-                              Abar, ASbar, bbar, db, err, b1)
+        ctx.save_for_backward(xc, t, W1, W1S, WbS, a1, r1, A, W2, K, m, inv, uc, g2, mu2,
+                              istd2, Abar, DS, db, err, b1, G, SR)
         ctx.mark_non_differentiable(mean1, var1u)
         ctx.set_materialize_grads(False)
         return features, loss, mean1, var1u
 
     @staticmethod
     def backward(ctx, g_feat, g_loss, *_):
-        (xc, t, W1, W1S, a1, r1, A, W2, K, m, inv, uc, g2, mu2, istd2,
-         Abar, ASbar, bbar, db, err, b1) = ctx.saved_tensors
+        (xc, t, W1, W1S, WbS, a1, r1, A, W2, K, m, inv, uc, g2, mu2, istd2,
+         Abar, DS, db, err, b1, G, SR) = ctx.saved_tensors
         cfg = ctx.cfg
         B, C, H, Wd, C_t = ctx.shape
         n, P = cfg.n, B * H * Wd
@@ -208,18 +237,16 @@ class _TrainStep(torch.autograd.Function):
             empty = W1.new_empty((0,))
             if cfg.decomposed:
                 # R = Abar (xc - m) + bbar - T, sum n ||R||^2: with e = 2 n g R,
-                # dAbar = e (xc - m)^T, dbbar = sum_p e, dxc = Abar^T e - Abar^T dbbar / P
-                # (through m): all three from one convolution backward (its bias gradient
-                # is sum_p e).
+                # dAbar = 2 n g P (G4 - SR m^T), dbbar = 2 n g P SR (G4, SR formed in the
+                # forward, per position; `expansion_backward` scales them), dxc = Abar^T e - Abar^T dbbar
+                # / P (through m): one convolution backward for Abar^T e
                 e = err * (g_loss * (2 * n * coef))
-                half = dt != cdt   # 16-bit: the bias gradient would come back rounded
                 with gemm_precision(dev, cdt, cfg.precision):
-                    g_xl, g_Ab4, g_bbar = torch.ops.aten.convolution_backward(
+                    g_xl = torch.ops.aten.convolution_backward(
                         e.view(B, C_t, H, Wd).to(dt), xc, Abar.to(dt)[:, :, None, None],
-                        [C_t], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                        [True, True, not half])
-                g_bbar = e.sum(dim=(0, 2)) if half else g_bbar
-                g_Abar = torch.addr(g_Ab4.view(C_t, C).to(cdt), g_bbar, m, alpha=-1)
+                        None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                        [True, False, False])[0]
+                g_Abar, g_bbar = G, SR
                 g_Al = empty
                 acc.add_(g_xl.view(B, C, -1))
             elif cfg.backend == "triton":
@@ -259,7 +286,7 @@ class _TrainStep(torch.autograd.Function):
                 g_Abar = g_bbar = empty
             g_W1, g_W1S, g_g1, g_b1d, wv = custom_ops.expansion_backward(
                 g_A, g_Al, g_Abar, g_bbar if cfg.decomposed else g_b1, g_loss, coef, W1, W1S,
-                a1, r1, Abar, ASbar, db, m, P, n, cfg.decomposed, cfg.backend)
+                WbS, a1, r1, A, Abar, DS, db, m, P, n, cfg.decomposed, cfg.backend)
             if cfg.decomposed:
                 g_b1 = g_b1d
 

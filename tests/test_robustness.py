@@ -127,7 +127,7 @@ def test_expansion_variance_is_non_negative_and_bounded():
     W1 = R - (R @ u)[:, None] * u[None, :] * (1 - 1e-4)   # rows nearly orthogonal to d
     truth = (W1 @ S64 * W1).sum(1)
     S = S64.float()
-    _, _, var1, _ = algebra.bn_expansion(W1.float(), S, torch.ones(O), 1e-5, True, 0)
+    _, _, var1, _, _ = algebra.bn_expansion(W1.float(), S, torch.ones(O), 1e-5, True, 0)
     assert (var1 >= 0).all()
     bound = 4 * C * torch.finfo(torch.float32).eps * (W1.abs() @ S64.diagonal().sqrt()) ** 2
     assert ((var1.double() - truth).abs() <= bound).all()

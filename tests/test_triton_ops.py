@@ -423,8 +423,8 @@ def fused_step_builds(dtype, precision="ieee", L=49):
     for decomposed in (False, True):
         tag = " decomposed" if decomposed else ""
         yield (f"expansion-fwd {cfg}{tag}", expansion_mod._expansion_fwd_kernel,
-               {n: acc for n in expansion_mod._expansion_fwd_kernel.arg_names
-                if n.endswith("_ptr")},
+               {n: (f64 if n == "a64_ptr" else acc)
+                for n in expansion_mod._expansion_fwd_kernel.arg_names if n.endswith("_ptr")},
                dict(DECOMP=decomposed, BLOCK_R=br, BLOCK_C=bc), warps_e, 1)
         for has2 in ((False,) if decomposed else (False, True)):
             yield (f"expansion-bwd {cfg}{tag}" + (" +gA" if has2 else ""),
@@ -432,6 +432,11 @@ def fused_step_builds(dtype, precision="ieee", L=49):
                    {n: acc for n in expansion_mod._expansion_bwd_kernel.arg_names
                     if n.endswith("_ptr")},
                    dict(HAS_GA2=has2, DECOMP=decomposed, BLOCK_R=br, BLOCK_C=bc), warps_e, 1)
+    yield ("expansion-centre 16x64 w4 s1", expansion_mod._centre_kernel,
+           dict(w_ptr=acc, out_ptr=acc), dict(BLOCK_R=16, BLOCK_C=64), 4, 1)
+    yield ("decomposed-total 1024 w4 s1", expansion_mod._total_kernel,
+           {n: acc for n in expansion_mod._total_kernel.arg_names if n.endswith("_ptr")},
+           dict(BLOCK=1024), 4, 1)
 
 
 def _need_aot():

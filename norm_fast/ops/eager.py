@@ -245,60 +245,107 @@ def expand_error(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Ten
 
 
 
-def expansion_forward(W1: Tensor, W1S: Tensor, gamma: Tensor, beta: Tensor, origin: Tensor,
-                      mean: Tensor, sigma: Tensor, inv: Tensor, eps: float, unbias: float,
-                      part_scale: float, n: int, decomposed: bool) -> Tuple[Tensor, ...]:
-    """The training-mode BatchNorm'd expansion from W1 (O, C) and W1 S (O, C), S the
+def expansion_forward(W1: Tensor, W1S: Tensor, WbS: Tensor, gamma: Tensor, beta: Tensor,
+                      origin: Tensor, mean: Tensor, sigma: Tensor, inv: Tensor, eps: float,
+                      unbias: float, part_scale: float, n: int, decomposed: bool
+                      ) -> Tuple[Tensor, ...]:
+    """The training-mode BatchNorm'd expansion from W1 (O, C) and its product with S, the
     covariance of the centred positions xc = (x - origin) / sigma, mean their mean
     (docs/design.md sections 3-5, 8). eps is the BatchNorm's (divided by sigma^2 here),
-    unbias = P / (P - 1). Returns
-        a1 (O,)  = gamma / sqrt(var1 + eps / sigma^2), var1 = rowdot(W1 S, W1) clamped >= 0
+    unbias = P / (P - 1).
+
+    The product comes in the form the loss needs: with `decomposed`, W1S (O, C) is
+    (W1 - Wbar) S and WbS (C_t, C) is Wbar S, Wbar (C_t, C) the mean of W1's segments
+    (`centre_segments`), so that D_i S is formed from deviations (section 4); otherwise
+    W1S is W1 S and WbS is empty. Returns
+        a1 (O,)  = gamma / sqrt(var1 + eps / sigma^2), var1 = rowdot(W1 S, W1) >= 0
         r1 (O,)  = 1 / sqrt(var1 + eps / sigma^2)
-        A (O, C) = diag(a1) W1
+        A (O, C) = diag(a1) W1, rounded entry by entry (a1's per-row scale is float64)
         mean1 (O,), var1u (O,): the batch mean W1 (origin + sigma mean) and unbiased
                   variance sigma^2 var1 unbias, for the running statistics
         c1 (O,)  = beta - A mean: the expansion's output is A xc + c1 (the contraction's
                   running mean needs W2 c1)
     and with `decomposed` (else empty tensors)
-        Abar, ASbar (C_t, C): means over the n segments of A and of diag(a1) W1 S
-        bbar (C_t,), db (O,): beta's mean over the segments and its deviations
+        Abar (C_t, C): the mean of A over the n segments, exact, then rounded
+        DS (O, C): D_i S, D_i = A_i - Abar, from the deviations
+        Aerr (C_t, C): Abar minus the exact mean (its rounding)
+        rb (C_t,): the residual's bias about xc's origin: bbar - Abar mean, formed in
+                  float64 (the residual is Abar xc + rb - T); rho its rounding
+        rcoef (C_t,): rho - Aerr mean: with G4 = sum_p R_p xc_p^T and SR = sum_p R_p, the
+                  loss's first-order correction is -2 (<Aerr, G4> + <rcoef, SR>) + P |rho|^2
+                  (`decomposed_total`; docs/design.md section 4)
+        db (O,): beta's deviations from its mean over the segments
         part (C_t,): per teacher row j, part_scale times
-                   sum_i <A_i - Abar, (a1 W1 S)_i - ASbar>_j + db_ij^2
-                   (the caller sums them: the spread plus the biases' spread)
+                   sum_i <A_i - Abar, DS_i>_j + db_ij^2 + n rho_j^2
+                   (the caller sums them: the spread, the biases' spread and the
+                   correction's P |rho|^2)
+    The variance, a1 and every mean over the segments are float64 sums (section 3).
     Elementwise deviations, never a difference of totals (section 5)."""
-    var1 = torch.linalg.vecdot(W1S, W1).clamp_min(0)
-    r1 = torch.rsqrt(var1 + eps * inv * inv)
-    a1 = gamma * r1
-    A = W1 * a1[:, None]
+    f64 = torch.float64
+    O, C = W1.shape
+    W1Sf = W1S if not decomposed else (W1S.view(n, O // n, C) + WbS).view(O, C)
+    var64 = (W1Sf * W1).sum(1, dtype=f64).clamp_min(0)
+    r64 = torch.rsqrt(var64 + eps * inv.to(f64) ** 2)
+    a64 = gamma.to(f64) * r64
+    a1, r1 = a64.to(W1.dtype), r64.to(W1.dtype)
+    A = torch.addcmul(W1 * a1[:, None], W1, (a64 - a1.to(f64)).to(W1.dtype)[:, None])
     mean1 = W1 @ torch.addcmul(origin, mean, sigma)
-    var1u = var1 * (sigma * unbias) * sigma
+    var1u = (var64 * (sigma.to(f64) ** 2 * unbias)).to(W1.dtype)
     c1 = beta - A @ mean
     if not decomposed:
-        return (a1, r1, A, mean1, var1u, c1, *(W1.new_empty((0,)) for _ in range(5)))
-    O, C = W1.shape
-    A3 = A.view(n, O // n, C)
-    Abar = A3.mean(0)
-    AS3 = (W1S * a1[:, None]).view(n, O // n, C)
-    ASbar = AS3.mean(0)
-    b2 = beta.view(n, O // n)
+        return (a1, r1, A, mean1, var1u, c1, *(W1.new_empty((0,)) for _ in range(7)))
+    T = O // n
+    exact = torch.einsum("ij,ijc->jc", a64.view(n, T), W1.view(n, T, C).to(f64)) / n
+    Abar = exact.to(W1.dtype)
+    Aerr = (Abar.to(f64) - exact).to(W1.dtype)
+    a3 = a64.view(n, T, 1)
+    aWS = a1.view(n, T, 1) * W1S.view(n, T, C)
+    DS = torch.addcmul(aWS - aWS.mean(0), (a3 - a3.mean(0)).to(W1.dtype), WbS)
+    b2 = beta.view(n, T).to(f64)
     bbar = b2.mean(0)
-    db = (b2 - bbar).reshape(O)
-    part = (((A3 - Abar) * (AS3 - ASbar)).sum(dim=(0, 2))
-            + (b2 - bbar).square().sum(0)) * part_scale
-    return a1, r1, A, mean1, var1u, c1, Abar, ASbar, bbar, db, part
+    db = (b2 - bbar).to(W1.dtype).reshape(O)
+    rb64 = bbar - Abar.to(f64) @ mean.to(f64)
+    rb = rb64.to(W1.dtype)
+    rho = rb.to(f64) - rb64
+    rcoef = (rho - (Abar.to(f64) - exact) @ mean.to(f64)).to(W1.dtype)
+    part = (((A.view(n, T, C) - Abar) * DS).sum(dim=(0, 2))
+            + db.view(n, T).square().sum(0) + (n * rho * rho).to(W1.dtype)) * part_scale
+    return a1, r1, A, mean1, var1u, c1, Abar, DS.view(O, C), Aerr, rb, rcoef, db, part
+
+
+def decomposed_total(part: Tensor, resid: Tensor, Aerr: Tensor, G4: Tensor, rcoef: Tensor,
+                     SR: Tensor, ncoef: float, P: int) -> Tensor:
+    """The decomposed loss, 0-dim:
+    sum(part) + ncoef (resid - 2 P (<Aerr, G4> + <rcoef, SR>)), part, Aerr, rcoef from
+    `expansion_forward`, resid = ||R||^2, G4 = sum_p R_p xc_p^T / P and SR = sum_p R_p / P
+    of the residual R over its P positions (docs/design.md section 4)."""
+    corr = torch.dot(Aerr.flatten(), G4.flatten()) + torch.dot(rcoef, SR)
+    return part.sum() + ncoef * (resid - (2 * P) * corr)
+
+
+def centre_segments(W1: Tensor, n: int) -> Tensor:
+    """(O + C_t, C): the rows W1_i - Wbar of every segment, then Wbar (C_t, C), the mean of
+    the n segments of W1 (O, C): one GEMM with S gives both products
+    `expansion_forward` takes (docs/design.md section 4)."""
+    O, C = W1.shape
+    W3 = W1.view(n, O // n, C)
+    Wbar = W3.mean(0)
+    return torch.cat(((W3 - Wbar).view(O, C), Wbar))
 
 
 def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gsum: Tensor, g_out: Tensor,
-                       coef: float, W1: Tensor, W1S: Tensor, a1: Tensor, r1: Tensor,
-                       Abar: Tensor, ASbar: Tensor, db: Tensor, mean: Tensor, P: int, n: int,
-                       decomposed: bool) -> Tuple[Tensor, ...]:
+                       coef: float, W1: Tensor, W1S: Tensor, WbS: Tensor, a1: Tensor,
+                       r1: Tensor, A: Tensor, Abar: Tensor, DS: Tensor, db: Tensor,
+                       mean: Tensor, P: int, n: int, decomposed: bool) -> Tuple[Tensor, ...]:
     """Backward of `expansion_forward` (docs/design.md section 8).
 
     gA (O, C): the gradient of A from the contraction (W2^T g_K); gA2 (O, C) or empty:
-    another one (the direct loss's); gAbar (C_t, C): the decomposed loss's residual
-    gradient (empty otherwise); gsum: dbbar (C_t,) when decomposed, else the direct
-    loss's dbeta1 (O,); g_out (0-dim) times coef: gl, the loss gradient divided by C_t P,
-    so that P (spread + ||db||^2) has gradient P gl. Returns
+    another one (the direct loss's); decomposed: gAbar (C_t, C) and gsum (C_t,) are the
+    residual's products per position, G4 = sum_p R_p xc_p^T / P and SR = sum_p R_p / P,
+    not yet scaled: the gradients of Abar and bbar are 2 n gl P (G4 - SR mean^T) and
+    2 n gl P SR; direct: gAbar is empty and gsum the loss's dbeta1 (O,). g_out (0-dim) times coef: gl, the loss gradient divided by C_t P, so
+    that P (spread + ||db||^2) has gradient P gl. W1S, WbS as `expansion_forward` took
+    them; A, Abar, DS as it returned them. Returns
         gW1 (O, C), gW1S (O, C) the gradient of the product W1 S (the caller forms
         g_S = W1^T gW1S), ggamma (O,), gbeta (O,) (empty when not decomposed), and
         wv (O,) = -(2 gW1S mean + a1 s) / P, s = dbbar / n tiled over the segments
@@ -311,9 +358,11 @@ def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gsum: Tensor, g_o
     g_sp = gl * (2 * P)
     if decomposed:
         T = O // n
-        DS = (W1S * a1[:, None]).view(n, T, C) - ASbar
-        G = (G.view(n, T, C) + gAbar / n + DS * g_sp).view(O, C)
-        s = (gsum / n).repeat(n)
+        W1S = (W1S.view(n, T, C) + WbS).view(O, C)
+        g_r = gl * (2 * n * P)
+        gAb = torch.addr(gAbar, gsum, mean, alpha=-1)
+        G = (G.view(n, T, C) + gAb * (g_r / n) + DS.view(n, T, C) * g_sp).view(O, C)
+        s = (gsum * (g_r / n)).repeat(n)
         gb = s + db * g_sp
     else:
         s = gsum
@@ -322,7 +371,7 @@ def expansion_backward(gA: Tensor, gA2: Tensor, gAbar: Tensor, gsum: Tensor, g_o
     gW1 = G * a1[:, None] + (2 * gvar)[:, None] * W1S
     gW1S = W1 * gvar[:, None]
     if decomposed:
-        D = (W1 * a1[:, None]).view(n, O // n, C) - Abar
+        D = A.view(n, O // n, C) - Abar
         gW1S = gW1S + D.view(O, C) * (gl * P * a1)[:, None]
     wv = -(2 * (gW1S @ mean) + a1 * s) / P
     return gW1, gW1S, ga1 * r1, gb, wv

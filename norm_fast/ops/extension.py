@@ -239,6 +239,8 @@ class KernelSet:
     # The fused training step's small algebra (O x C elementwise work): ATen's ops, no
     # kernel of the extension's own (docs/design.md section 8).
     centred_moments = staticmethod(eager.centred_moments)
+    centre_segments = staticmethod(eager.centre_segments)
+    decomposed_total = staticmethod(eager.decomposed_total)
     expansion_forward = staticmethod(eager.expansion_forward)
     expansion_backward = staticmethod(eager.expansion_backward)
 

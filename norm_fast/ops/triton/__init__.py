@@ -75,5 +75,7 @@ def _member(module: str, name: str):
 
 TritonKernels.expansion_forward = _member("expansion", "expansion_forward")
 TritonKernels.expansion_backward = _member("expansion", "expansion_backward")
+TritonKernels.centre_segments = _member("expansion", "centre_segments")
+TritonKernels.decomposed_total = _member("expansion", "decomposed_total")
 TritonKernels.centred_moments = _member("moments", "centred_moments")
 TritonKernels.expand_error = _member("expand_mse", "expand_error")
