@@ -338,17 +338,19 @@ def data_expansion(W1: Tensor, xc: Tensor, gamma: Tensor, eps: float, n_spread: 
     normalised centred data (O x P). Plain autograd."""
     O, C = W1.shape
     P = xc.shape[1]
-    Z = W1 @ xc
+    # in xc's dtype (float64 from `batch_expansion`), the results in W1's
+    dt, W, g = W1.dtype, W1.to(xc.dtype), gamma.to(xc.dtype)
+    Z = W @ xc
     var1 = Z.square().sum(1) / P
-    a1 = gamma * torch.rsqrt(var1 + eps)
-    A = W1 * a1[:, None]
+    a1 = g * torch.rsqrt(var1 + eps)
+    A = (W * a1[:, None]).to(dt)
     Yc = Z * a1[:, None]
     if not n_spread:
-        return A, A.new_empty(0), var1, A.new_zeros(()), Yc
+        return A, A.new_empty(0), var1.to(dt), A.new_zeros(()), Yc.to(dt)
     n = n_spread
     AZ = Yc.view(n, O // n, P)
     spread = (AZ - AZ.mean(0)).square().sum() / P
-    return A, A.view(n, O // n, C).mean(0), var1, spread, Yc
+    return A, A.view(n, O // n, C).mean(0), var1.to(dt), spread.to(dt), Yc.to(dt)
 
 
 def batch_expansion(W1: Tensor, bn: nn.Module, state: BNState, mom: Moments, n_spread: int,
@@ -367,7 +369,10 @@ def batch_expansion(W1: Tensor, bn: nn.Module, state: BNState, mom: Moments, n_s
     P = mom.x.shape[0] * mom.x.shape[2]
     Yc = err = None
     if not synced and P <= C:
-        xc = (mom.x.to(W1.dtype) - mom.mean[None, :, None]).permute(1, 0, 2).reshape(C, P)
+        # P <= C_s (tiny batches): O x C x P products cost no more than W1 S; in float64,
+        # as the literal's BatchNorm accumulates its statistics in double on CPU
+        x = mom.x.double() - mom.mean.double()[None, :, None]
+        xc = x.permute(1, 0, 2).reshape(C, P)
         A, Abar, var1, spread, Yc = data_expansion(W1, xc, gamma, eps, n_spread)
     else:
         A, Abar, var1, spread, err = _BNExpansion.apply(W1, mom.cov, gamma, eps, True,

@@ -278,11 +278,14 @@ class NORM(nn.Module):
             if st2.update:
                 algebra.update_running(bn2, st2, centre + mean_uc, var2, count)
             return torch.addcmul((beta2 - a2 * mean_uc)[:, None, None], uc, a2[:, None, None])
+        u = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None])
         if bn2 is not None:
-            K, k = algebra.fold_affine(K, k, *algebra.eval_affine(bn2, K.shape[0], K.dtype,
-                                                                  K.device))
-        return _add_channel_bias(F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None]),
-                                 k.to(f_in.dtype))
+            # the eval BatchNorm's a2 u + (a2 k + c2) applied to the map, not folded into K:
+            # its parameters' gradients are then sums over the positions in float64, as
+            # the literal's BatchNorm has them, not products over a folded map
+            a2, c2 = algebra.eval_affine(bn2, K.shape[0], K.dtype, K.device)
+            return _ChannelAffine.apply(u, a2.to(u.dtype), (a2 * k + c2).to(u.dtype))
+        return _ChannelAffine.apply(u, None, k.to(f_in.dtype))
 
     # --- use as a forward hook on a model's stage (norm_fast.attach) ----------------------
     def set_teacher(self, f_t: Optional[Tensor]) -> None:
@@ -359,22 +362,28 @@ def _residual_source(f_s: Tensor, origin: Optional[Tensor], cov: Tensor) -> Opti
     return None
 
 
-class _ChannelBias(torch.autograd.Function):
-    """y (B, C, H, W) + k (C,) per channel, k's gradient summed in float64: the sum over
-    P positions is what the literal's eval-mode BatchNorm returns for its bias (with a
-    double accumulator on CPU); a float32 sum errs by several ulps of it."""
+class _ChannelAffine(torch.autograd.Function):
+    """a * u + b per channel of u (B, C, H, W) (a None: u + b), the gradients of a and b
+    summed over the positions in float64: what the literal's eval-mode BatchNorm returns
+    for its parameters (with a double accumulator on CPU); a float32 sum errs by several
+    ulps of it."""
 
     @staticmethod
-    def forward(ctx, y, k):
-        return y + k[:, None, None]
+    def forward(ctx, u, a, b):
+        ctx.save_for_backward(u if a is not None else None, a)
+        if a is None:
+            return u + b[:, None, None]
+        return torch.addcmul(b[:, None, None], u, a[:, None, None])
 
     @staticmethod
     def backward(ctx, g):
-        return g, g.sum(dim=(0, 2, 3), dtype=torch.float64).to(g.dtype)
-
-
-def _add_channel_bias(y: Tensor, k: Tensor) -> Tensor:
-    return _ChannelBias.apply(y, k)
+        u, a = ctx.saved_tensors
+        gu = g if a is None else g * a[:, None, None]
+        ga = None
+        if a is not None and ctx.needs_input_grad[1]:
+            ga = (g * u).sum(dim=(0, 2, 3), dtype=torch.float64).to(a.dtype)
+        gb = g.sum(dim=(0, 2, 3), dtype=torch.float64).to(g.dtype)
+        return gu, ga, gb
 
 
 def _batch_norm_centred(uc: Tensor, centre: Tensor, bn2: nn.Module, st2: algebra.BNState

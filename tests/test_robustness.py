@@ -17,7 +17,7 @@ from conftest import paths_for
 from literal import randomise_bn, rel_err
 
 PATHS = paths_for("cpu")
-FLOOR = 2e-6   # 16 float32 ulps: where both errors sit at rounding level
+FLOOR = 4 * torch.finfo(torch.float32).eps   # four ulps of the quantity's magnitude
 
 
 def make(C_s, C_t, n, backend, algorithm, seed, train, **kw):
@@ -64,11 +64,12 @@ def errors(backend, algorithm, f_s, f_t, C_t, n, seed, train, objective="both", 
 
 def assert_as_good_as_literal(case, backend, algorithm, errs, lits, got, masks, factor=4.0,
                               floor=FLOOR):
-    """Finite wherever the literal is, and every error <= factor x the literal's + floor."""
+    """Finite wherever the literal is, and (factor not None) every error <= factor x the
+    literal's + floor."""
     for i, (e, r, a, m) in enumerate(zip(errs, lits, got, masks)):
         assert torch.isfinite(a[m]).all(), \
             f"{case} {backend}/{algorithm} output {i}: non-finite where the literal is finite"
-        assert e <= factor * r + floor, \
+        assert factor is None or e <= factor * r + floor, \
             f"{case} {backend}/{algorithm} output {i}: error {e:.2e} vs literal {r:.2e}"
 
 
@@ -95,22 +96,44 @@ RANK_DEFICIENT = {
 }
 
 
+def _rms(values):
+    values = list(values)
+    return (sum(v * v for v in values) / len(values)) ** 0.5
+
+
 @pytest.mark.parametrize("case", sorted(RANK_DEFICIENT))
 @pytest.mark.parametrize("train", [True, False])
 def test_rank_deficient_batches(case, train):
-    for seed in range(3):
+    """Every output and gradient, over six seeds: finite wherever the literal is, the RMS
+    error within 4x the literal's RMS + four ulps, each seed within 8x it.
+
+    Over the seeds, not seed by seed: in a rank-deficient batch some gradients are the
+    residue of a cancellation (with P = 2, BatchNorm's backward removes both components
+    of its input, so what remains of a saturated channel is rounding), and their error
+    on one seed is noise on both sides: the literal's own moved from 9e-6 to 2.5e-5 with
+    the thread count, ours from 5e-6 to 1e-4 with the order of one product. With P <= C_s
+    the fast paths take the literal's order through the expanded data
+    (algebra.Expansion.Yc, in float64); through the folded maps, whose rows a
+    rank-deficient batch scales by up to gamma/sqrt(eps), gradients measured up to 190x."""
+    runs = {path: [] for path in PATHS[1:]}
+    for seed in range(6):
         f_s = RANK_DEFICIENT[case](seed)
         B, _, H, W = f_s.shape
         f_t = torch.randn(B, 32, H, W, generator=torch.Generator().manual_seed(100 + seed),
                           dtype=torch.float64)
         for backend, algorithm in PATHS[1:]:
             errs, lits, got, masks = errors(backend, algorithm, f_s, f_t, 32, 4, seed, train)
-            # Every output and gradient within 4x the literal's error + 16 ulps. With
-            # P <= C_s the fast paths take the literal's order through the expanded data
-            # (algebra.Expansion.Yc); through the folded maps, whose rows a rank-deficient
-            # batch scales by up to gamma/sqrt(eps), gradients measured up to 190x.
             assert_as_good_as_literal(f"{case} seed {seed}", backend, algorithm, errs, lits,
-                                      got, masks)
+                                      got, masks, factor=None)   # finite; bounds below
+            runs[(backend, algorithm)].append((errs, lits))
+    for (backend, algorithm), draws in runs.items():
+        for i in range(len(draws[0][0])):
+            mine = [d[0][i] for d in draws]
+            ref = _rms(d[1][i] for d in draws)
+            assert _rms(mine) <= 4 * ref + FLOOR, \
+                f"{case} {backend}/{algorithm} output {i}: RMS {_rms(mine):.2e} vs literal {ref:.2e}"
+            assert max(mine) <= 8 * ref + FLOOR, \
+                f"{case} {backend}/{algorithm} output {i}: {max(mine):.2e} vs literal RMS {ref:.2e}"
 
 
 def test_expansion_variance_is_non_negative_and_bounded():
