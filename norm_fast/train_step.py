@@ -186,7 +186,7 @@ class _TrainStep(torch.autograd.Function):
                     Abar.to(dt)[:, :, None, None], [C_t], [1, 1], [0, 0], [1, 1], False,
                     [0, 0], 1, [False, True, not half])
             SR = err.sum(dim=(0, 2)) * (1.0 / P) if half else SR
-            G = G4.view(C_t, C)
+            G = G4.view(C_t, C).to(cdt)
             loss = custom_ops.decomposed_total(part, resid, Aerr, G, rcoef, SR, n * coef, P,
                                                cfg.backend)
         else:
