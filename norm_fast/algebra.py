@@ -110,8 +110,8 @@ class Moments:
     in x's coordinates (so mean is a rounding residual when x is centred).
     local_mean, local_cov: of this process's positions (the same tensors without sync).
     count: positions the global statistics cover (int, or 0-dim tensor under sync).
-    raw (B, C, L): f_s itself, when x = raw / sigma - origin and the decomposed loss's
-    residual is better taken from raw (`module.NORM._moments`), else None.
+    raw (B, C, L): f_s itself, when x = raw - origin (sigma 1) and the decomposed loss's
+    residual is better taken from raw (`module._residual_source`), else None.
     """
     x: Tensor
     mean: Tensor
@@ -173,9 +173,9 @@ def segment_mean(A: Tensor, n: int) -> Tuple[Tensor, Tensor]:
     is a deviation from this mean; its rounding (half an ulp of |A|) is first order in
     the loss unless corrected (docs/design.md section 4)."""
     O, C = A.shape
-    exact = A.detach().view(n, O // n, C).sum(0, dtype=torch.float64) / n
-    Abar = A.view(n, O // n, C).mean(0, dtype=torch.float64).to(A.dtype)
-    return Abar, Abar.detach().to(torch.float64) - exact
+    exact = A.view(n, O // n, C).mean(0, dtype=torch.float64)
+    Abar = exact.to(A.dtype)
+    return Abar, Abar.detach().to(torch.float64) - exact.detach()
 
 
 def matrix_spread(A: Tensor, S: Tensor, n: int) -> Tuple[Tensor, Tensor, Tensor]:

@@ -49,8 +49,8 @@ class _Residual(torch.autograd.Function):
 
     x (B, C, L), t (B, C_t, L), M (C_t, C), r (C_t,) the bias about the centre s (C,).
     The kernel evaluates M x + (r - M s) with that bias formed in float64 (or, given raw
-    with x = raw * kappa - origin, (kappa M) raw + (r - M (origin + s)): the literal's
-    order, `algebra.Moments.raw`); its rounding
+    with x = raw - origin, M raw + (r - M (origin + s)): the literal's order,
+    `algebra.Moments.raw`); its rounding
     rho (C_t,) is returned with the means over the P positions
         G = sum_p R_p (x_p - s)^T / P (C_t, C),   SR = sum_p R_p / P (C_t,)
     (R the stored error): the caller's first-order corrections need them. They are the
@@ -60,18 +60,15 @@ class _Residual(torch.autograd.Function):
     -> (sum, G, SR, rho); only the sum is differentiable."""
 
     @staticmethod
-    def forward(ctx, x, t, M, r, s, raw, kappa, origin, backend: str, precision: str):
+    def forward(ctx, x, t, M, r, s, raw, origin, backend: str, precision: str):
         f64 = torch.float64
-        if raw is None:
-            src, Msrc, centre = x, M, s.detach().to(f64)
-        else:
-            # x = raw * kappa - origin: the value from raw, (kappa M) raw + r - M (origin + s)
-            src = raw
-            Msrc = M if kappa is None else M * kappa.to(M.dtype)    # exact: a power of two
-            centre = origin.to(f64) + s.detach().to(f64)
+        centre = s.detach().to(f64)
+        if raw is not None:                  # x = raw - origin: M raw + r - M (origin + s)
+            centre = centre + origin.to(f64)
         bias64 = r.detach().to(f64) - M.detach().to(f64) @ centre
         bias = bias64.to(M.dtype)
-        sq, err = custom_ops.expand_mse(src, t, Msrc, bias, None, 1, True, backend, precision)
+        sq, err = custom_ops.expand_mse(x if raw is None else raw, t, M, bias, None, 1, True,
+                                        backend, precision)
         # The products per position (2 * grad = 1 / P), so that sum_p R_p x_p^T cannot
         # overflow where the literal's gradient, scaled element by element, does not
         P = x.shape[0] * x.shape[2]
@@ -96,7 +93,7 @@ class _Residual(torch.autograd.Function):
                 (err * -g2.to(err.dtype)).to(ctx.dtypes[0]) if want_t else None,
                 G * gP.to(G.dtype) if want_M else None,
                 (SR * gP.to(SR.dtype)).to(ctx.dtypes[1]) if want_r else None,
-                ds * gP.to(ds.dtype) if want_s else None, None, None, None, None, None)
+                ds * gP.to(ds.dtype) if want_s else None, None, None, None, None)
 
 
 def decomposed_sq_sum(mom: Moments, t: Tensor, exp: Expansion, n: int, backend: str,
@@ -140,10 +137,7 @@ def decomposed_sq_sum(mom: Moments, t: Tensor, exp: Expansion, n: int, backend: 
         d = d + ((exp.A.view(n, C_t, C) - M) @ off.to(M.dtype)).to(f64)
     cs = (s if s0 is None else s - s0).detach().to(f64)                # s - s0
     r = bbar + M.to(f64) @ cs                                          # the bias about s
-    raw = mom.raw
-    kappa = None if (raw is None or mom.scale is None) else mom.scale.reciprocal()  # 1/sigma
-    sq, G, SR, rho = _Residual.apply(x, t, M, r, s, raw, kappa,
-                                     None if raw is None else mom.origin, backend, precision)
+    sq, G, SR, rho = _Residual.apply(x, t, M, r, s, mom.raw, mom.origin, backend, precision)
     delta, SR = exp.Abar_err, SR.to(f64)
     # G' = G + SR (s - s0)^T: <delta, G'> without forming it (G, SR are per position)
     corr = P * (-2 * (torch.linalg.vecdot(delta.flatten(), G.to(f64).flatten())

@@ -28,6 +28,8 @@ permuted. Bounds (docs/design.md section 3, "Measuring float32 error"):
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -67,11 +69,6 @@ def near_convergence(device, shape=SHAPE, seed=0, bn=True, train=True):
     f_t = y0 + 1e-3 * y0.std() * torch.randn(y0.shape, generator=gen, dtype=torch.float64)
     g = torch.randn(B, C_s, H, W, generator=gen, dtype=torch.float64)
     return lit.to(device), f_s.to(device), f_t.to(device), g.to(device)
-
-
-def near_convergence_nobn(device, shape=SHAPE, seed=0):
-    """Without BatchNorm: segments = one base map + 1e-3 noise, teacher = segment 0 + noise."""
-    return near_convergence(device, shape, seed, bn=False)
 
 
 def all_converged(device, shape=ALL_SHAPE, seed=0, bn=True, train=True, rel=1e-3):
@@ -368,28 +365,26 @@ def summary(regime="all", device="cpu"):
     """Worst ratio, ours / literal, per path and quantity over every case and draw (the loss
     value as RMS over draws), for the closing notes: `python tests/test_precision.py`."""
     rows = {}
-    for bn, train, detach in CASES:
-        if True:
-            for objective in ("loss", "features"):
-                table = measure(regime, device, bn, train, objective, detach=detach)
-                names = NAMES if bn else NAMES_NOBN
-                lit = table[("torch", "direct")]
-                for path, draws in table.items():
-                    if path == ("torch", "direct"):
-                        continue
-                    for k, name in enumerate(names):
-                        if objective == "loss" and k == 0:
-                            key, ratio = "loss (RMS)", (rms(e[0] for e in draws.values())
-                                                        / rms(lit[d][0] for d in draws))
-                        else:
-                            key = "features" if k == 0 else name
-                            ratio = max((e[k] / lit[d][k] for d, e in draws.items()
-                                         if e[k] is not None and lit[d][k]), default=0.0)
-                        case = (f"{'BN' if bn else 'noBN'}/{'train' if train else 'eval'}"
-                                + ("/fused" if detach else ""))
-                        old = rows.get((path, key), (0.0, ""))
-                        if ratio > old[0]:
-                            rows[(path, key)] = (ratio, case)
+    for (bn, train, detach), objective in itertools.product(CASES, ("loss", "features")):
+        table = measure(regime, device, bn, train, objective, detach=detach)
+        names = NAMES if bn else NAMES_NOBN
+        lit = table[("torch", "direct")]
+        for path, draws in table.items():
+            if path == ("torch", "direct"):
+                continue
+            for k, name in enumerate(names):
+                if objective == "loss" and k == 0:
+                    key, ratio = "loss (RMS)", (rms(e[0] for e in draws.values())
+                                                / rms(lit[d][0] for d in draws))
+                else:
+                    key = "features" if k == 0 else name
+                    ratio = max((e[k] / lit[d][k] for d, e in draws.items()
+                                 if e[k] is not None and lit[d][k]), default=0.0)
+                case = (f"{'BN' if bn else 'noBN'}/{'train' if train else 'eval'}"
+                        + ("/fused" if detach else ""))
+                old = rows.get((path, key), (0.0, ""))
+                if ratio > old[0]:
+                    rows[(path, key)] = (ratio, case)
     print(f"regime {regime}: worst ratio ours/literal (float32 error against float64)")
     for (path, key), (ratio, case) in sorted(rows.items()):
         print(f"  {'/'.join(path):18s} {key:24s} {ratio:6.2f}x  ({case})")
