@@ -261,6 +261,18 @@ def env_step(out: str) -> int:
                    "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
                    "torch.get_float32_matmul_precision()": torch.get_float32_matmul_precision()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The precision plan (norm_fast/precision.py): per policy, the precision each product
+    # of the fused forms runs in; "policy_now" is what float32 resolves to on this device
+    # with these flags (the GPU run's correctness and timing ran under it).
+    from norm_fast import dispatch as _dispatch, precision as _plan
+    policy_now = _dispatch.resolve_precision("auto", device, torch.float32)
+    env["precision_plan"] = {"policy_now": policy_now,
+                             "products_now": _plan.table(policy_now),
+                             "policies": {p: _plan.table(p) for p in _plan.POLICIES},
+                             "ran_on": ("CUDA: as planned (Triton tl.dot input_precision, "
+                                        "cuBLAS/cuDNN float32 flags)" if device == "cuda"
+                                        else "CPU: Triton interpreter and C++ kernels exact; "
+                                        "eager kernel set emulated")}
     backends = {}
     for name, ok, why in C.available_backends(device):
         if name in ("cpp", "cuda") and not extension.load()[0] and "NORM_FAST_NO_EXTENSION" in why:

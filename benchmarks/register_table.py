@@ -25,8 +25,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-CASES = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "ieee"),
-         (torch.float64, "ieee")]
+CASES = [(torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float32, "tf32x3"),
+         (torch.bfloat16, "ieee"), (torch.float64, "ieee")]
 
 
 def main(argv=None) -> int:

@@ -34,8 +34,8 @@ from typing import Any, Dict, Tuple
 import torch
 
 from . import _checks
+from . import precision as precision_plan
 from .ops import eager, extension
-from .ops.spec import PRECISIONS
 from .ops.triton import KERNELS as TRITON_KERNELS
 
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
@@ -61,8 +61,9 @@ _warned: set = set()
 @dataclass(frozen=True)
 class Plan:
     """What one forward runs. backend: a concrete name in REGISTRY; algorithm: "literal",
-    "direct" or "decomposed"; kernels: the registered kernel set itself; precision: of the
-    float32 P-sized products on CUDA (`resolve_precision`)."""
+    "direct" or "decomposed"; kernels: the registered kernel set itself; precision: the
+    precision policy (`norm_fast/precision.py`: "ieee", "tf32", "tf32x3", "bfloat16",
+    "float16", "float64"), under which `precision.PLAN` gives every product's."""
     backend: str
     algorithm: str
     kernels: Any
@@ -82,26 +83,19 @@ def check_algorithm(algorithm: str, what: str = "algorithm") -> str:
 
 
 def check_precision(precision: str, what: str = "precision") -> str:
-    return _checks.check_choice(what, precision, ("auto",) + PRECISIONS)
+    return _checks.check_choice(what, precision,
+                                ("auto",) + precision_plan.FLOAT32_POLICIES)
 
 
-def resolve_precision(precision: str, device_type: str, dtype: torch.dtype) -> str:
-    """The input precision of the float32 products that replace the literal's 1x1
-    convolutions (`ops/spec.PRECISIONS`).
-
-    "auto" follows the literal: its convolutions are cuDNN's, which use TF32 in float32
-    exactly when ``torch.backends.cudnn.allow_tf32`` is True (PyTorch's default), so on
-    CUDA in float32 "auto" is "tf32" then and "ieee" otherwise. Everywhere else (CPU,
-    16-bit or float64 products) "ieee": the choice has no effect there. An explicit
-    "ieee" / "tf32" / "tf32x3" is kept. The precision-sensitive small algebra (moments,
-    spread, variances) is exact whatever this says (docs/design.md section 3).
-    """
-    check_precision(precision)
-    if precision != "auto":
-        return precision
-    if device_type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee"
+def resolve_precision(precision: str, device_type: str, dtype: torch.dtype,
+                      product_dtype=None) -> str:
+    """The precision policy (`norm_fast.precision.resolve_policy`): "auto" follows the
+    literal, whose float32 convolutions are cuDNN's, on TF32 exactly when
+    ``torch.backends.cudnn.allow_tf32`` is True (PyTorch's default): "tf32" on CUDA then,
+    "ieee" otherwise and on CPU; 16-bit products (autocast) "bfloat16"/"float16";
+    float64 "float64". An explicit "ieee" / "tf32" / "tf32x3" is kept for float32.
+    Every product's precision under the policy is `precision.PLAN`'s."""
+    return precision_plan.resolve_policy(precision, device_type, dtype, product_dtype)
 
 
 def devices_of(backend: str) -> Tuple[str, ...]:
@@ -196,23 +190,23 @@ def cost_model(B: int, C_s: int, C_t: int, H: int, W: int, n: int,
 
 
 # --- GPU time model (seconds) ------------------------------------------------------------
-# On a GPU the multiply-add count misleads twice: the literal form's 1x1 convolutions run on
-# tensor cores (TF32 in float32 by cuDNN's default, bf16 under autocast) while the folded
-# algebra is IEEE float32 on purpose (docs/design.md section 3), and a step of the fused
-# forms issues several times the literal's device operations, each paying a host-side
-# launch. So on CUDA, per candidate,
+# On a GPU the multiply-add count misleads twice: each product runs at the rate of its
+# precision (the literal's 1x1 convolutions on TF32 in float32 by cuDNN's default, bf16
+# under autocast; the fused forms' products as `precision.PLAN` says, 3xTF32 at a third
+# of TF32's rate), and a step of the fused forms issues more device operations than the
+# literal, each paying a host-side launch. So on CUDA, per candidate,
 #     time = max(host, device),   host = launches * LAUNCH_S,
-#     device = sum over its products of flop / rate + bytes / GPU_BANDWIDTH
-#              + launches * KERNEL_FLOOR_S
-# with the rates of an H200 SXM's data sheet (dense, no sparsity) derated by
-# GPU_EFFICIENCY (an estimate: nothing here was measured on a GPU yet), and the device
-# operations of one training step as tests/launch_count.py counts them (asserted equal
-# in tests/test_launch_count.py, so this table cannot drift from the code; the CUDA
-# extension's are counted on CPU as its C++ twin taking the CUDA route, the same host
-# code). Deterministic in the
-# shapes: every DDP rank with the same per-rank batch chooses the same algorithm.
-GPU_RATES = {"bfloat16": 989e12, "float16": 989e12, "tf32": 494e12, "float32": 67e12,
-             "float64": 67e12}                      # flop/s (a multiply-add is 2 flop)
+#     device = sum over its products of 2 * macs / (rate of its planned precision)
+#              + bytes / GPU_BANDWIDTH + launches * KERNEL_FLOOR_S
+# with the rates of an H200 SXM's data sheet (dense, no sparsity, `precision.H200_RATES`)
+# derated by GPU_EFFICIENCY (an estimate: nothing here was measured on a GPU yet), the
+# products and their multiply-adds from `precision.macs` (tests/test_dispatch.py keeps
+# model and plan in step), and the device operations of one training step as
+# tests/launch_count.py counts them (asserted equal in tests/test_launch_count.py, so
+# this table cannot drift from the code; the CUDA extension's are counted on CPU as its
+# C++ twin taking the CUDA route, the same host code). Deterministic in the shapes:
+# every DDP rank with the same per-rank batch chooses the same algorithm.
+GPU_RATES = precision_plan.H200_RATES               # flop/s (a multiply-add is 2 flop)
 GPU_BANDWIDTH = 4.8e12                              # bytes/s (HBM3e)
 GPU_EFFICIENCY = 0.5                                # fraction of peak a product reaches
 LAUNCH_S = 5e-6                                     # host time of one device operation
@@ -226,39 +220,58 @@ LAUNCHES = {("torch", "literal"): 21,               # tests/test_launch_count.py
 _LITERAL_PASSES = 12      # reads + writes of the N*C_t*P expanded tensors, fwd + bwd
 
 
+def model_policy(dtype: torch.dtype, literal_tf32: bool = True) -> str:
+    """The precision policy the time model prices for products in `dtype`."""
+    if dtype == torch.float32:
+        return "tf32" if literal_tf32 else "ieee"
+    return {torch.float64: "float64", torch.bfloat16: "bfloat16",
+            torch.float16: "float16"}[dtype]
+
+
+def gpu_product_seconds(B: int, C_s: int, C_t: int, H: int, W: int, n: int,
+                        algorithm: str, policy: str) -> Dict[str, float]:
+    """{product: estimated device seconds} of one training step of `algorithm`
+    ("direct"/"decomposed") under `policy`: 2 * `precision.macs` at the rate of the
+    product's planned precision, derated by GPU_EFFICIENCY."""
+    out = {}
+    for product in precision_plan.PRODUCTS:
+        m = precision_plan.macs(product, B, C_s, C_t, H, W, n, algorithm)
+        if m:
+            prec = precision_plan.of(policy, product)
+            out[product] = 2.0 * m / (GPU_RATES[prec] * GPU_EFFICIENCY)
+    return out
+
+
 def gpu_time_model(B: int, C_s: int, C_t: int, H: int, W: int, n: int, backend: str,
-                   dtype: torch.dtype = torch.float32, literal_tf32: bool = True
-                   ) -> Dict[str, float]:
+                   dtype: torch.dtype = torch.float32, literal_tf32: bool = True,
+                   policy: str = None) -> Dict[str, float]:
     """Estimated seconds of one training forward + backward on an H200, per algorithm.
 
     dtype: the dtype the P-sized products run in (the autocast dtype under autocast);
     literal_tf32: whether the literal's float32 convolutions use TF32
-    (torch.backends.cudnn.allow_tf32, True by default). The fused forms' P-sized products
-    are charged the literal's rate (the same precision policy); their N*C_t*C_s^2 algebra
-    and the C_s x C_s moments IEEE float32 (float64 for float64).
+    (torch.backends.cudnn.allow_tf32, True by default); policy: the precision policy
+    (default from the two, `model_policy`). The literal's products are charged at its
+    own precision (`precision.LITERAL`), each fused form's at the plan's
+    (`gpu_product_seconds`).
     """
+    policy = policy or model_policy(dtype, literal_tf32)
     P = B * H * W
     NC = n * C_t
-    name = str(dtype).replace("torch.", "")
     item = torch.finfo(dtype).bits // 8
-    exact = GPU_RATES["float64" if dtype == torch.float64 else "float32"] * GPU_EFFICIENCY
-    fast = GPU_RATES["tf32" if name == "float32" and literal_tf32 else name] * GPU_EFFICIENCY
     io = (C_s + C_t) * P * item * 6           # f_s, f_t, the features and their gradients
-    small = 10.0 * NC * C_s * C_s + 10.0 * C_s * C_s * P
-    work = {  # algorithm: (flop at the product rate, flop at the exact rate, extra bytes)
-        "literal": (12.0 * NC * C_s * P, 0.0, _LITERAL_PASSES * NC * P * item),
-        "direct": (8.0 * NC * C_s * P, small, 0.0),
-        "decomposed": (6.0 * C_t * C_s * P, small, 0.0),
-    }
+    lit_rate = GPU_RATES[precision_plan.LITERAL[policy]] * GPU_EFFICIENCY
     out = {}
-    for algo, (f_fast, f_exact, extra) in work.items():
+    for algo in ("literal", "direct", "decomposed"):
         if algo == "literal":
             key = ("torch", "literal")
+            products = 12.0 * NC * C_s * P / lit_rate
+            extra = _LITERAL_PASSES * NC * P * item
         else:
             key = (backend, algo)
+            products = sum(gpu_product_seconds(B, C_s, C_t, H, W, n, algo, policy).values())
+            extra = 0.0
         launches = LAUNCHES.get(key, LAUNCHES[("torch", "decomposed")])
-        device = (f_fast / fast + f_exact / exact + (io + extra) / GPU_BANDWIDTH
-                  + launches * KERNEL_FLOOR_S)
+        device = products + (io + extra) / GPU_BANDWIDTH + launches * KERNEL_FLOOR_S
         out[algo] = max(launches * LAUNCH_S, device)
     return out
 
@@ -333,4 +346,4 @@ def resolve(backend: str, algorithm: str, device_type: str, B: int, C_s: int, C_
     if chosen == "literal":
         backend = "torch"
     return Plan(backend, chosen, REGISTRY[backend][0],
-                resolve_precision(precision, device_type, pdt))
+                resolve_precision(precision, device_type, dtype, pdt))

@@ -52,7 +52,7 @@ def norm_loss(f_s: Tensor, f_t: Tensor, weight: Tensor, n: int, *,
             # overflow where the literal's loss is finite (docs/design.md section 3)
             scale = algebra.range_scale(f_s)
             x = (f_s * scale.reciprocal().to(f_s.dtype)).flatten(2)
-            mean, cov = custom_ops.moments(x, backend)
+            mean, cov = custom_ops.moments(x, backend, plan.precision)
             mom = algebra.Moments(x, mean, cov, mean, cov, B * H * W, scale=scale)
         exp = algebra.fixed_expansion(w, None, mom, n if mom is not None else 0)
         if mom is not None:

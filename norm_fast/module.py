@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks, algebra, custom_ops, dispatch, distributed, segment_loss, train_step
+from . import precision as plan
+from .ops import products
 from .ops.spec import compute_dtype, gemm_precision
 from .reference import reference_forward
 
@@ -159,12 +161,12 @@ class NORM(nn.Module):
         batch1 = st1 is not None and st1.batch_stats
         n_spread = n if decomposed else 0
 
-        f_in, mom = self._moments(f_s, backend, sync, decomposed or batch1, batch1)
+        f_in, mom = self._moments(f_s, backend, sync, decomposed or batch1, batch1, precision)
         if batch1:
             exp = algebra.batch_expansion(W1, bn1, st1, mom, n_spread, sync is not None)
         else:
             exp = algebra.fixed_expansion(W1, bn1, mom, n_spread)
-        features = self._contraction(f_in, W2, exp, bn2, st2, sync)
+        features = self._contraction(f_in, W2, exp, bn2, st2, sync, precision)
         if self.residual:
             # Added apart rather than folded into the map as I + M: in float32 the identity
             # would round away the low bits of M (its entries are small against 1).
@@ -182,8 +184,8 @@ class NORM(nn.Module):
         loss = sq / (C_t * f_s.shape[0] * f_s.shape[2] * f_s.shape[3])
         return features, (loss / n if self.segment_reduction == "mean" else loss)
 
-    def _moments(self, f_s: Tensor, backend: str, sync, needed: bool, centre: bool
-                 ) -> Tuple[Tensor, Optional[algebra.Moments]]:
+    def _moments(self, f_s: Tensor, backend: str, sync, needed: bool, centre: bool,
+                 policy: str = "ieee") -> Tuple[Tensor, Optional[algebra.Moments]]:
         """(the map the P-sized ops read, its `algebra.Moments` or None when not needed).
 
         With batch statistics (`centre`) the ops read (f_s - origin) / sigma: centred at
@@ -221,7 +223,7 @@ class NORM(nn.Module):
             # 16-bit maps are stored back in their dtype: the GEMMs reading them stay 16-bit
             f_s = centred if centred.dtype == f_s.dtype else centred.to(f_s.dtype)
         x = f_s.flatten(2)                                       # (B, C_s, L), a view if it can be
-        mean, cov = custom_ops.moments(x, backend)
+        mean, cov = custom_ops.moments(x, backend, policy)
         count = x.shape[0] * x.shape[2]
         g_mean, g_cov = mean, cov
         if sync is not None:
@@ -233,7 +235,8 @@ class NORM(nn.Module):
                                     _residual_source(given, origin, cov) if unscaled else None)
 
     def _contraction(self, f_in: Tensor, W2: Tensor, exp: algebra.Expansion,
-                     bn2: Optional[nn.Module], st2: Optional[algebra.BNState], sync) -> Tensor:
+                     bn2: Optional[nn.Module], st2: Optional[algebra.BNState], sync,
+                     policy: str = "ieee") -> Tensor:
         """contract_bn(contract(Y)) from f_in (B, C_s, H, W) without Y: one C_s x C_s map
         per position (docs/design.md section 3). With batch statistics they are taken
         from the map's output itself (C_s x P values, computed anyway): a variance formed
@@ -250,6 +253,8 @@ class NORM(nn.Module):
             uc = (W2 @ exp.Yc).view(C, B, H, W).permute(1, 0, 2, 3)
             return _batch_norm_centred(uc, W2 @ exp.b, bn2, st2)
         K, k = algebra.contraction_map(W2, exp)
+        # the contraction's P-sized product and its backward in the plan's precisions
+        prec, gprec = plan.of(policy, "contraction"), plan.of(policy, "contraction_grad")
         if st2 is not None and st2.batch_stats:
             # uc = K (X - mean): the contraction's output centred at its batch mean W2 b
             # (docs/design.md section 3), from the centred positions, so nothing cancels
@@ -257,11 +262,11 @@ class NORM(nn.Module):
             # (A BatchNorm'd expansion in eval mode before a training one, exp.shift None:
             # the output is centred at its own mean, accumulated in float64.)
             if exp.shift is not None:
-                uc = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None],
-                              (-(K @ exp.shift)).to(f_in.dtype))
+                uc = products.conv1x1(f_in, K.to(f_in.dtype), prec,
+                                      (-(K @ exp.shift)).to(f_in.dtype), gprec)
                 centre = W2 @ exp.b
             else:
-                u = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None], k.to(f_in.dtype))
+                u = products.conv1x1(f_in, K.to(f_in.dtype), prec, k.to(f_in.dtype), gprec)
                 mean_u = u.mean(dim=(0, 2, 3), dtype=torch.float64).to(u.dtype)
                 uc, centre = u - mean_u[:, None, None], mean_u.to(K.dtype)
             uc = uc if uc.dtype == K.dtype else uc.to(K.dtype)
@@ -278,7 +283,7 @@ class NORM(nn.Module):
             if st2.update:
                 algebra.update_running(bn2, st2, centre + mean_uc, var2, count)
             return torch.addcmul((beta2 - a2 * mean_uc)[:, None, None], uc, a2[:, None, None])
-        u = F.conv2d(f_in, K.to(f_in.dtype)[:, :, None, None])
+        u = products.conv1x1(f_in, K.to(f_in.dtype), prec, None, gprec)
         if bn2 is not None:
             # the eval BatchNorm's a2 u + (a2 k + c2) applied to the map, not folded into K:
             # its parameters' gradients are then sums over the positions in float64, as

@@ -47,6 +47,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import custom_ops
+from . import precision as plan
+from .ops import products
 from .ops.spec import DEFAULT_CHUNK_BYTES, compute_dtype, gemm_precision
 
 
@@ -57,7 +59,7 @@ class StepConfig:
     residual: bool
     mean_reduction: bool
     backend: str
-    precision: str
+    precision: str     # the policy: every product's precision is plan.of(precision, name)
     eps1: float
     eps2: float
     momentum2: float
@@ -133,7 +135,8 @@ class _TrainStep(torch.autograd.Function):
         x = f_s.detach()
 
         # xc = (x - origin) / sigma and its moments, one op (docs/design.md section 3)
-        x3, o, scales, m, S = custom_ops.centred_moments(x.view(B, C, L), cfg.backend)
+        pol = cfg.precision
+        x3, o, scales, m, S = custom_ops.centred_moments(x.view(B, C, L), cfg.backend, pol)
         sigma, inv = scales[0], scales[1]
         xc = x3.view(B, C, H, Wd)
 
@@ -144,10 +147,11 @@ class _TrainStep(torch.autograd.Function):
         coef = 1.0 / (C_t * P * (n if cfg.mean_reduction else 1))
         O = W1.shape[0]
         if cfg.decomposed:
-            prod = custom_ops.centre_segments(W1, n, cfg.backend) @ S
+            prod = products.mm(custom_ops.centre_segments(W1, n, cfg.backend), S,
+                               plan.of(pol, "w1s"))
             W1S, WbS = prod[:O], prod[O:]
         else:
-            W1S, WbS = W1 @ S, W1.new_empty((0,))
+            W1S, WbS = products.mm(W1, S, plan.of(pol, "w1s")), W1.new_empty((0,))
         a1, r1, A, mean1, var1u, c1, Abar, DS, Aerr, rb, rcoef, db, part = \
             custom_ops.expansion_forward(W1, W1S, WbS, g1, b1, o, m, sigma, inv, cfg.eps1,
                                          unbias, P * coef, n, cfg.decomposed, cfg.backend)
@@ -155,9 +159,8 @@ class _TrainStep(torch.autograd.Function):
         # updates the running ones in the same pass. bn2 removes per-channel constants,
         # so the centring term is left out of uc and added to the running mean:
         # contract(Y) = W2 (A (xc - m) + beta1) = uc + W2 c1.
-        K = W2 @ A
-        with gemm_precision(dev, cdt, cfg.precision):
-            uc = F.conv2d(xc, K.to(dt)[:, :, None, None])
+        K = products.mm(W2, A, plan.of(pol, "k"))
+        uc = products.conv1x1(xc, K.to(dt), plan.of(pol, "contraction"))
         if uc.dtype != cdt:
             uc = uc.to(cdt)
         out2, mu2, istd2 = torch.ops.aten._native_batch_norm_legit(
@@ -180,11 +183,9 @@ class _TrainStep(torch.autograd.Function):
             # (per position, err / P: the product cannot overflow where the literal's
             # gradient, scaled element by element, does not)
             half = dt != cdt   # 16-bit: the bias gradient would come back rounded
-            with gemm_precision(dev, cdt, cfg.precision):
-                _, G4, SR = torch.ops.aten.convolution_backward(
-                    (err * (1.0 / P)).view(B, C_t, H, Wd).to(dt), xc,
-                    Abar.to(dt)[:, :, None, None], [C_t], [1, 1], [0, 0], [1, 1], False,
-                    [0, 0], 1, [False, True, not half])
+            _, G4, SR = products.conv1x1_backward(
+                (err * (1.0 / P)).view(B, C_t, H, Wd).to(dt), xc, Abar.to(dt), False, True,
+                not half, plan.of(pol, "residual_grad"))
             SR = err.sum(dim=(0, 2)) * (1.0 / P) if half else SR
             G = G4.view(C_t, C).to(cdt)
             loss = custom_ops.decomposed_total(part, resid, Aerr, G, rcoef, SR, n * coef, P,
@@ -224,13 +225,13 @@ class _TrainStep(torch.autograd.Function):
             # literal's. Every term of d/dxc is summed in acc; d/dx = g_f + acc / sigma.
             g_uc, g_g2, g_b2 = torch.ops.aten.native_batch_norm_backward(
                 g_feat, uc, g2, None, None, mu2, istd2, True, cfg.eps2, [True, True, True])
-            with gemm_precision(dev, cdt, cfg.precision):
-                acc, g_K4, _ = torch.ops.aten.convolution_backward(
-                    g_uc.to(dt), xc, K.to(dt)[:, :, None, None], None, [1, 1], [0, 0],
-                    [1, 1], False, [0, 0], 1, [True, True, False])
+            pol = cfg.precision
+            acc, g_K4, _ = products.conv1x1_backward(g_uc.to(dt), xc, K.to(dt), True, True,
+                                                     False, plan.of(pol, "contraction_grad"))
             g_K = g_K4.view(C, C).to(cdt)
-            g_W2 = g_K @ A.t()
-            g_A = W2.t() @ g_K
+            small = plan.of(pol, "small_grad")
+            g_W2 = products.mm(g_K, A.t(), small)
+            g_A = products.mm(W2.t(), g_K, small)
             acc = acc.to(cdt).view(B, C, -1)
 
             # the loss
@@ -241,11 +242,9 @@ class _TrainStep(torch.autograd.Function):
                 # forward, per position; `expansion_backward` scales them), dxc = Abar^T e - Abar^T dbbar
                 # / P (through m): one convolution backward for Abar^T e
                 e = err * (g_loss * (2 * n * coef))
-                with gemm_precision(dev, cdt, cfg.precision):
-                    g_xl = torch.ops.aten.convolution_backward(
-                        e.view(B, C_t, H, Wd).to(dt), xc, Abar.to(dt)[:, :, None, None],
-                        None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-                        [True, False, False])[0]
+                g_xl = products.conv1x1_backward(
+                    e.view(B, C_t, H, Wd).to(dt), xc, Abar.to(dt), True, False, False,
+                    plan.of(pol, "residual_grad"))[0]
                 g_Abar, g_bbar = G, SR
                 g_Al = empty
                 acc.add_(g_xl.view(B, C, -1))
@@ -264,11 +263,9 @@ class _TrainStep(torch.autograd.Function):
                     e = custom_ops.expand_error(x3[b0:b1_], t[b0:b1_], A, b1, m, n, g2,
                                                 cfg.backend, cfg.precision)
                     half = e.dtype != cdt   # 16-bit e: sum it in float32 instead
-                    with gemm_precision(dev, cdt, cfg.precision):
-                        g_xl, g_A4, es = torch.ops.aten.convolution_backward(
-                            e.view(b1_ - b0, O, H, Wd), xc[b0:b1_],
-                            A.to(dt)[:, :, None, None], [O], [1, 1], [0, 0], [1, 1], False,
-                            [0, 0], 1, [True, True, not half])
+                    g_xl, g_A4, es = products.conv1x1_backward(
+                        e.view(b1_ - b0, O, H, Wd), xc[b0:b1_], A.to(dt), True, True,
+                        not half, plan.of(pol, "direct_grad"))
                     if half:
                         es = e.sum(dim=(0, 2), dtype=cdt)
                     acc[b0:b1_].add_(g_xl.view(b1_ - b0, C, -1))
@@ -294,8 +291,13 @@ class _TrainStep(torch.autograd.Function):
             # plus the loss's gradient through m, -Abar^T dbbar / P (A^T dbeta1 / P for
             # the direct loss); with g_S = W1^T gW1S, the per-channel constant of the two
             # is W1^T wv (`expansion_backward`)
-            g_S = W1.t() @ g_W1S
-            acc.baddbmm_(g_S.expand(B, C, C), x3.to(cdt), alpha=2.0 / P)
+            g_S = products.mm(W1.t(), g_W1S, small)
+            gg = plan.of(pol, "gram_grad" if cfg.decomposed else "gram_grad_direct")
+            if products.native(dev, gg, x3.to(cdt)):   # one batched GEMM, fused with the add
+                with products.float32_flags(dev, gg):
+                    acc.baddbmm_(g_S.expand(B, C, C), x3.to(cdt), alpha=2.0 / P)
+            else:
+                acc.add_(products.mm(g_S.expand(B, C, C), x3.to(cdt), gg), alpha=2.0 / P)
             acc.add_((W1.t() @ wv)[:, None])
             g_x = (torch.addcmul(g_feat.view(B, C, -1), acc, inv) if cfg.residual
                    else acc.mul_(inv)).view(B, C, H, Wd)

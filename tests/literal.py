@@ -23,9 +23,20 @@ class LiteralFT(nn.Module):
         self.contract = nn.Conv2d(n * C_t, C_s, 1, bias=False)
         self.contract_bn = nn.BatchNorm2d(C_s) if batchnorm else nn.Identity()
 
+    # The precision of both convolutions and of their backward products: "ieee" as nn.Conv2d
+    # computes them; "tf32" / "bfloat16" / ... as cuDNN would on a GPU, emulated on CPU
+    # (norm_fast/ops/products.py: operands rounded, products exact, float32 sums).
+    precision = "ieee"
+
+    def _conv(self, conv, x):
+        if self.precision == "ieee" or x.dtype == torch.float64:
+            return conv(x)
+        from norm_fast.ops import products
+        return products.conv1x1(x, conv.weight.flatten(1), self.precision)
+
     def forward(self, f_s, f_t=None):
-        y = self.expand_bn(self.expand(f_s))
-        feats = self.contract_bn(self.contract(y))
+        y = self.expand_bn(self._conv(self.expand, f_s))
+        feats = self.contract_bn(self._conv(self.contract, y))
         if self.residual:
             feats = feats + f_s
         if f_t is None:

@@ -102,3 +102,34 @@ def test_gpu_choice_is_a_pure_function_of_the_shape():
     """Every DDP rank with the same per-rank shape makes the same choice."""
     for shape in [(256, 512, 512, 7, 7, 8), (64, 2048, 1280, 2, 2, 8), (64, 128, 128, 8, 8, 8)]:
         assert len({_gpu_choice(*shape) for _ in range(3)}) == 1
+
+
+def test_gpu_model_prices_each_product_at_its_planned_rate():
+    """The time model and the precision plan in step (issue 19): every product a fused
+    form runs is charged 2 * macs at the rate of its planned precision, and changing the
+    plan changes the model (3xTF32 is a third of TF32's rate)."""
+    from norm_fast import precision as plan
+    shape = (256, 512, 512, 7, 7, 8)
+    for algo in ("direct", "decomposed"):
+        for policy in plan.POLICIES:
+            got = dispatch.gpu_product_seconds(*shape, algo, policy)
+            assert set(got) == {p for p in plan.PRODUCTS if plan.macs(p, *shape, algo)}
+            for product, seconds in got.items():
+                rate = dispatch.GPU_RATES[plan.of(policy, product)] * dispatch.GPU_EFFICIENCY
+                assert seconds == pytest.approx(2 * plan.macs(product, *shape, algo) / rate)
+    base = dispatch.gpu_product_seconds(*shape, "decomposed", "tf32")
+    with plan.override({"gram": "tf32"}):
+        assert dispatch.gpu_product_seconds(*shape, "decomposed", "tf32")["gram"] == \
+            pytest.approx(base["gram"] / 3)
+    assert plan.of("tf32", "gram") == "tf32x3"
+
+
+@pytest.mark.parametrize("dtype,target", [(torch.float32, 3.0), (torch.bfloat16, 1.5)])
+def test_gpu_model_puts_the_fused_form_ahead_at_the_imagenet_shapes(dtype, target):
+    """What the plan buys, by the model (an estimate, not a timing): at resnet34->resnet18,
+    B=256, the decomposed form at least `target` x faster than the literal, and ahead at
+    resnet50->mobilenet (issue 19's targets)."""
+    t = dispatch.gpu_time_model(256, 512, 512, 7, 7, 8, "triton", dtype)
+    assert t["literal"] >= target * t["decomposed"]
+    t = dispatch.gpu_time_model(256, 1024, 2048, 7, 7, 8, "triton", dtype)
+    assert t["literal"] > t["decomposed"]

@@ -398,3 +398,37 @@ def summary(regime="all", device="cpu"):
 if __name__ == "__main__":
     import sys
     summary(sys.argv[1] if len(sys.argv) > 1 else "all")
+
+
+# --- the precision plan under every policy (issue 19; tests/precision_plan_harness.py) ------
+import precision_plan_harness as plan_harness  # noqa: E402
+from norm_fast import precision as precision_plan  # noqa: E402
+
+
+@pytest.mark.parametrize("route", plan_harness.ROUTES)
+@pytest.mark.parametrize("case", plan_harness.CASES)
+@pytest.mark.parametrize("policy", plan_harness.POLICIES)
+def test_plan_no_worse_than_literal_under_its_policy(policy, case, route):
+    """Every product emulated in its planned precision (CPU: operands rounded as tensor
+    cores round them), every output and gradient of the three objectives within 4x the
+    literal's own error under the same policy (its convolutions emulated the same way),
+    the loss value as RMS over two seeds x both position orders, plus four ulps of the
+    policy's rounding."""
+    failed = [f for objective in plan_harness.OBJECTIVES
+              for f in plan_harness.failures(policy, case, route, objective)]
+    assert not failed, "\n".join(failed)
+
+
+MUTANTS = [("gram", "conv4", "fused-decomposed"), ("w1s", "conv4", "fused-decomposed"),
+           ("residual", "conv4", "fused-decomposed"), ("direct", "conv4", "fused-direct"),
+           ("gram_grad_direct", "relu", "fused-direct")]
+
+
+@pytest.mark.parametrize("product,case,route", MUTANTS, ids=[m[0] for m in MUTANTS])
+def test_plan_mutant_in_plain_tf32_fails(product, case, route):
+    """Each product the TF32 plan keeps above TF32, dropped to plain TF32, fails the bound
+    above (so the harness can see the plan)."""
+    assert precision_plan.of("tf32", product) != "tf32"
+    with precision_plan.override({product: "tf32"}):
+        failed = plan_harness.failures("tf32", case, route, "loss", seeds=(0,))
+    assert failed, f"{product} in plain TF32 passed: the harness cannot see it"

@@ -1,14 +1,15 @@
-"""The float32 precision policy (dispatch.resolve_precision): the P-sized products follow the
-literal's convolutions (TF32 exactly when torch.backends.cudnn.allow_tf32), an explicit
-`precision=` overrides, the small algebra stays exact. Decisions are checked on CPU; the
-CUDA errors under TF32 are the GPU check's (benchmarks/gpu_correctness.py)."""
+"""The precision policy (dispatch.resolve_precision, norm_fast/precision.py): float32 follows
+the literal's convolutions (TF32 exactly when torch.backends.cudnn.allow_tf32), autocast
+gives the 16-bit policies, an explicit `precision=` overrides, and every product gets the
+plan's precision under the policy. Decisions are checked on CPU; the errors of each plan
+are tests/test_precision.py's (emulated) and the GPU check's."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from norm_fast import NORM, custom_ops, dispatch, norm_loss
-from norm_fast.ops import eager
+from norm_fast import precision as plan
 from norm_fast.ops.spec import gemm_precision
 
 from conftest import paths_for
@@ -18,8 +19,11 @@ from conftest import paths_for
 def test_auto_follows_cudnn_tf32_on_cuda_float32(monkeypatch, allow):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allow)
     assert dispatch.resolve_precision("auto", "cuda", torch.float32) == ("tf32" if allow else "ieee")
-    for dtype in (torch.bfloat16, torch.float16, torch.float64):
-        assert dispatch.resolve_precision("auto", "cuda", dtype) == "ieee"
+    for dtype, policy in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16"),
+                          (torch.float64, "float64")):
+        assert dispatch.resolve_precision("auto", "cuda", dtype) == policy
+        assert dispatch.resolve_precision("auto", "cuda", torch.float32, dtype) == (
+            policy if dtype != torch.float64 else ("tf32" if allow else "ieee"))
     assert dispatch.resolve_precision("auto", "cpu", torch.float32) == "ieee"
 
 
@@ -54,8 +58,8 @@ def test_autocast_dtype_sets_the_plan_precision(monkeypatch):
                          ids=lambda p: "-".join(p))
 @pytest.mark.parametrize("precision", ["tf32", "ieee"])
 def test_the_plan_precision_reaches_every_product(monkeypatch, path, precision):
-    """NORM(precision=...) hands its precision to every expand_mse call, forward and
-    backward, on every backend (recorded at the custom op's kernel-set call)."""
+    """NORM(precision=...) hands the plan's precision of each product to every expand_mse
+    call, forward and backward, on every backend (recorded at the kernel-set call)."""
     seen = []
     kernels = dispatch.REGISTRY[path[0]][0]
     for name in ("expand_mse_forward", "expand_mse_backward"):
@@ -73,30 +77,34 @@ def test_the_plan_precision_reaches_every_product(monkeypatch, path, precision):
     feats, loss = mod(f_s, f_t)
     (loss + feats.sum()).backward()
     assert {n for n, _ in seen} == {"expand_mse_forward", "expand_mse_backward"}
-    assert all(p == precision for _, p in seen), seen
+    product = "direct" if path[1] == "direct" else "residual"
+    assert all(p == plan.of(precision, product) for _, p in seen), seen
 
 
-def test_small_algebra_is_exact_whatever_the_global_flag():
-    """The moments (eager and the extension's) run inside an "ieee" block: on CUDA the
-    block overrides a global TF32 matmul setting; on CPU it changes nothing."""
-    flags = torch.backends.cuda.matmul
-    before = flags.fp32_precision
+def test_gemm_block_sets_both_float32_flags():
+    """`gemm_precision` (CUDA only) sets cuBLAS's and cuDNN's float32 flags and restores
+    them; on CPU tensors it changes nothing."""
+    mm, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = mm.fp32_precision, conv.fp32_precision
     try:
-        flags.fp32_precision = "tf32"
-        seen = []
-        orig = eager._moments
-
-        def spy(x):
-            seen.append(flags.fp32_precision)
-            return orig(x)
-        eager._moments = spy
-        try:
-            eager.moments(torch.randn(2, 3, 4))
-            with gemm_precision(torch.device("cuda"), torch.float32, "ieee"):
-                assert flags.fp32_precision == "ieee"
-        finally:
-            eager._moments = orig
-        assert seen == ["tf32"]   # CPU tensors: the flag is not touched (no TF32 on CPU)
-        assert flags.fp32_precision == "tf32"
+        mm.fp32_precision = conv.fp32_precision = "tf32"
+        with gemm_precision(torch.device("cpu"), torch.float32, "ieee"):
+            assert (mm.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        with gemm_precision(torch.device("cuda"), torch.float32, "ieee"):
+            assert (mm.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (mm.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
-        flags.fp32_precision = before
+        mm.fp32_precision, conv.fp32_precision = before
+
+
+@pytest.mark.parametrize("policy", plan.POLICIES)
+def test_the_plan_is_complete_and_valid(policy):
+    """Every product has a precision under every policy, one of PRECISIONS; the TF32 plan
+    keeps above TF32 exactly what tests/test_precision.py's mutants show must be."""
+    table = plan.table(policy)
+    assert set(table) == set(plan.PRODUCTS)
+    assert all(p in plan.PRECISIONS for p in table.values())
+    if policy == "tf32":
+        above = {k for k, v in table.items() if v in ("tf32x3", "ieee", "float64")}
+        assert above == {"gram", "w1s", "residual", "direct", "direct_grad",
+                         "gram_grad_direct"}

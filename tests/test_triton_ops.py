@@ -396,19 +396,22 @@ def fused_step_builds(dtype, precision="ieee", L=49):
                    expand_mse._expand_mse_bwd_err_kernel, ptrs,
                    dict(common, X_RESIDENT=resident, BLOCK_P=bp, BLOCK_C=bc, BLOCK_K=bk),
                    warps, stages)
-    if precision != "ieee":
-        return  # the rest is exact whatever the precision
+    if precision not in ("ieee", "tf32x3"):
+        return  # the rest is exact whatever the precision (the Gram: "ieee" or "tf32x3")
     yield ("channel-stats 16x128 w4 s2", moments_mod._channel_stats_kernel,
            dict(x_ptr=io, sum_ptr=f64, amax_ptr=acc),
            dict(AMAX=tl_cdt, BLOCK_C=16, BLOCK_P=128), 4, 2)
     bi, bj, bpm, _, warps_m = moments_mod._blocks(10**6, 512, False)
     bpm = 16 if dtype == torch.float64 else bpm     # as moments.centred_moments launches
+    slab3 = dtype == torch.float32 and precision == "tf32x3"
     yield (f"moments-centred {bi}x{bj}x{bpm} w{warps_m} s2",
            moments_mod._centred_moments_kernel,
            dict(x_ptr=io, sum_ptr=f64, amax_ptr=acc, xc_ptr=io, cov_ptr=f64, rsum_ptr=f64),
            dict(XDT=_triton_launch.tl_dtype(dtype), CDT=tl_cdt,
-                ACC=_triton_launch.tl_dtype(torch.float64), PREC="ieee", DOT16=half,
-                BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bpm), warps_m, 2)
+                ACC=_triton_launch.tl_dtype(torch.float64),
+                # the plan's Gram: float64 FMA ("ieee" here), 3xTF32 slabs ("tf32x3")
+                PREC="tf32x3" if slab3 else ("tf32" if half else "ieee"),
+                DOT16=half or slab3, BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bpm), warps_m, 2)
     bf = moments_mod._finalize_blocks(512, False)
     for centred in (False, True):
         yield (f"moments-finalize {bf}x{bf} w4 s2" + (" centred" if centred else ""),

@@ -24,7 +24,12 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .spec import DEFAULT_CHUNK_BYTES, check_store_error, compute_dtype, gemm_precision
+from . import products
+from .spec import DEFAULT_CHUNK_BYTES, check_store_error, compute_dtype
+
+# Positions per slab of a "tf32x3" Gram: each slab's products are summed in float32, the
+# slabs in float64, as the Triton moments kernel sums its BLOCK_P-position tiles.
+GRAM_SLAB = 32
 
 
 def available() -> Tuple[bool, str]:
@@ -45,29 +50,28 @@ def _centred(x: Tensor, shift: Optional[Tensor], cdt: torch.dtype) -> Tensor:
     return x if shift is None else x - shift.to(cdt)[None, :, None]
 
 
-def _segment_error(xc: Tensor, t: Tensor, a: Tensor, b: Tensor, n: int) -> Tensor:
-    """E for a chunk: xc (nb, C_s, L) -> (nb, n, C_t, L)."""
+def _segment_error(xc: Tensor, t: Tensor, a: Tensor, b: Tensor, n: int,
+                   precision: str = "ieee") -> Tensor:
+    """E for a chunk: xc (nb, C_s, L) -> (nb, n, C_t, L), the product in `precision`."""
     nb, _, L = xc.shape
     C_t = t.shape[1]
-    e = torch.matmul(a, xc) + b[None, :, None]  # (nb, n*C_t, L)
+    e = products.mm(a, xc, precision) + b[None, :, None]  # (nb, n*C_t, L)
     e = e.view(nb, n, C_t, L)
     return e - t.to(e.dtype)[:, None]
 
 
-def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+def moments(x: Tensor, precision: str = "float64") -> Tuple[Tensor, Tensor]:
     """Mean (C,) and biased covariance (C, C) of x (B, C, L) over its B*L positions.
 
     Two passes (mean, then the centred product), so the covariance does not cancel when
     the mean is large against the spread (post-ReLU features; docs/design.md section 3).
-    The products are summed in float64 (float32 input is widened): a float32 sum over P
-    positions errs by about eps * sqrt(P / 3) relative on the diagonal, and near
-    convergence every per-row scale of the expansion derives from this covariance.
+    precision (the plan's "gram"): "float64" sums the products in float64 (float32 input
+    is widened): a float32 sum over P positions errs by about eps * sqrt(P / 3) relative
+    on the diagonal, and near convergence every per-row scale of the expansion derives
+    from this covariance. "tf32x3" (or any other of the plan's) multiplies slabs of
+    GRAM_SLAB positions in that precision, summed in float32, and the slabs in float64
+    (docs/design.md section 6).
     """
-    with gemm_precision(x.device, x.dtype, "ieee"):
-        return _moments(x)
-
-
-def _moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     cdt = compute_dtype(x.dtype)
     B, C, L = x.shape
     P = B * L
@@ -79,12 +83,35 @@ def _moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     corr = xc.sum(dim=(0, 2)) / P
     mean = mean + corr
     xc = xc - corr[None, :, None]
-    xw = xc.double() if cdt == torch.float32 else xc
-    cov = (torch.tensordot(xw, xw, dims=([0, 2], [0, 2])) / P).to(cdt)
-    return mean, cov
+    if cdt == torch.float64 or precision == "float64":
+        xw = xc.double()
+        cov = torch.tensordot(xw, xw, dims=([0, 2], [0, 2])) / P
+    else:
+        cov = _slab_gram(xc.to(torch.float32), precision) / P
+    return mean, cov.to(cdt)
 
 
-def centred_moments(x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _slab_gram(xc: Tensor, precision: str) -> Tensor:
+    """sum_p xc_p xc_p^T (C, C) in float64: slabs of GRAM_SLAB positions multiplied in
+    `precision` with float32 sums, the slabs summed in float64 (at most ~64 MiB of slab
+    partials at once)."""
+    B, C, L = xc.shape
+    flat = xc.permute(1, 0, 2).reshape(C, B * L)
+    pad = (-flat.shape[1]) % GRAM_SLAB
+    flat = torch.nn.functional.pad(flat, (0, pad)).view(C, -1, GRAM_SLAB)
+    k = flat.shape[1]
+    group = max(1, (64 << 20) // max(1, 4 * C * C))
+    out = torch.zeros((C, C), dtype=torch.float64, device=xc.device)
+    for k0 in range(0, k, group):
+        part = flat[:, k0:k0 + group]
+        slabs = products.bilinear(lambda u, v: torch.einsum("cks,dks->kcd", u, v), part, part,
+                                  precision)
+        out += slabs.sum(0, dtype=torch.float64)
+    return out
+
+
+def centred_moments(x: Tensor, precision: str = "float64"
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The positions the fused training step reads, and their moments.
 
     x (B, C, L) -> (xc, origin, scales, mean, cov):
@@ -93,7 +120,8 @@ def centred_moments(x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         scales (2,)   (sigma, 1/sigma), sigma = `algebra.range_scale` of x: a power of two,
                       1 unless max |x| >= 2^50;
         xc (B, C, L)  (x - origin) / sigma, contiguous, in x's dtype;
-        mean, cov     `moments(xc)`: of the stored xc (mean a rounding residual).
+        mean, cov     `moments(xc, precision)`: of the stored xc (mean a rounding
+                      residual), the Gram in `precision`.
     The range scale and centring of docs/design.md section 3 in one op."""
     cdt = compute_dtype(x.dtype)
     B, C, L = x.shape
@@ -104,30 +132,25 @@ def centred_moments(x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     scales = torch.ldexp(torch.ones(2, dtype=cdt, device=x.device), torch.stack((k, -k)))
     origin = (x.sum(dim=(0, 2), dtype=torch.float64) / max(B * L, 1)).to(cdt)
     xc = torch.addcmul((origin * -scales[1])[:, None], x, scales[1]).to(x.dtype)
-    mean, cov = moments(xc)
+    mean, cov = moments(xc, precision)
     return xc, origin, scales, mean, cov
 
 
 def moments_backward(x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
-                     grad_cov: Optional[Tensor]) -> Tensor:
-    """dL/dx for (mean, cov) = moments(x); returned in x's dtype.
+                     grad_cov: Optional[Tensor], precision: str = "ieee") -> Tensor:
+    """dL/dx for (mean, cov) = moments(x); returned in x's dtype, the product in
+    `precision` (the plan's "gram_grad").
 
     cov = Xc Xc^T / P, so dX = (G + G^T) Xc / P + g_mean / P   (the dependence through
     the mean in Xc contributes (G + G^T) Xc 1 / P = 0, since Xc sums to zero).
     """
-    with gemm_precision(x.device, mean.dtype, "ieee"):
-        return _moments_backward(x, mean, grad_mean, grad_cov)
-
-
-def _moments_backward(x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
-                      grad_cov: Optional[Tensor]) -> Tensor:
     B, C, L = x.shape
     P = B * L
     cdt = mean.dtype
     dx = torch.zeros((B, C, L), dtype=cdt, device=x.device)
     if grad_cov is not None:
         g = (grad_cov + grad_cov.transpose(0, 1)).to(cdt)
-        dx = torch.matmul(g, x.to(cdt) - mean[None, :, None])
+        dx = products.mm(g, x.to(cdt) - mean[None, :, None], precision)
     if grad_mean is not None:
         dx = dx + grad_mean.to(cdt)[None, :, None]
     return (dx / P).to(x.dtype)
@@ -140,14 +163,9 @@ def expand_mse_forward(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Option
 
     Returns (sq, err): sq is a 0-dim tensor in the compute dtype; err is the error
     (B, C_t, L) in the compute dtype when `store_error` (only allowed for n == 1: the
-    decomposed algorithm's one residual), else an empty tensor. precision: of the float32
-    products on CUDA (`spec.PRECISIONS`; cuBLAS: "tf32" or exact).
+    decomposed algorithm's one residual), else an empty tensor. precision: of the
+    products (`norm_fast/precision.PRECISIONS`; `ops/products.bilinear`: on CPU emulated).
     """
-    with gemm_precision(x.device, compute_dtype(x.dtype), precision):
-        return _expand_mse_forward(x, t, a, b, shift, n, store_error, chunk_bytes)
-
-
-def _expand_mse_forward(x, t, a, b, shift, n, store_error, chunk_bytes):
     cdt = compute_dtype(x.dtype)
     B, C_s, L = x.shape
     C_t = t.shape[1]
@@ -155,12 +173,12 @@ def _expand_mse_forward(x, t, a, b, shift, n, store_error, chunk_bytes):
     b = b.to(cdt)
     if store_error:
         check_store_error(n, store_error)
-        e = _segment_error(_centred(x, shift, cdt), t, a, b, 1).view(B, C_t, L)
+        e = _segment_error(_centred(x, shift, cdt), t, a, b, 1, precision).view(B, C_t, L)
         return e.square().sum(), e
     sq = torch.zeros((), dtype=cdt, device=x.device)
     itemsize = torch.finfo(cdt).bits // 8
     for b0, b1 in _batch_chunks(B, n * C_t * L, itemsize, chunk_bytes):
-        e = _segment_error(_centred(x[b0:b1], shift, cdt), t[b0:b1], a, b, n)
+        e = _segment_error(_centred(x[b0:b1], shift, cdt), t[b0:b1], a, b, n, precision)
         sq = sq + e.square().sum()
     return sq, x.new_empty((0,), dtype=cdt)
 
@@ -168,9 +186,11 @@ def _expand_mse_forward(x, t, a, b, shift, n, store_error, chunk_bytes):
 def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
                         shift: Optional[Tensor], n: int, err: Optional[Tensor],
                         grad_mask: List[bool], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                        precision: str = "ieee") -> Tuple[Tensor, ...]:
-    """Gradients of g * expand_mse_forward(...)[0], with g = `grad` (0-dim), the products
-    in `precision` as in `expand_mse_forward`.
+                        precision: str = "ieee", grad_precision: Optional[str] = None
+                        ) -> Tuple[Tensor, ...]:
+    """Gradients of g * expand_mse_forward(...)[0], with g = `grad` (0-dim): the error
+    recomputed in `precision` as in `expand_mse_forward`, da and dx in `grad_precision`
+    (default `precision`).
 
     grad_mask = [x, t, a, b, shift]: which gradients are wanted. Returns
     (dx, dt, da, db, dshift); an unwanted one is an empty tensor. dx and dt come in the
@@ -179,11 +199,7 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
         dx = 2g a^T E                         dt = -2g sum_i E_i      dshift = -sum_p dx
     `err` is the stored error (n == 1) or None: then E is recomputed chunk by chunk.
     """
-    with gemm_precision(x.device, compute_dtype(x.dtype), precision):
-        return _expand_mse_backward(grad, x, t, a, b, shift, n, err, grad_mask, chunk_bytes)
-
-
-def _expand_mse_backward(grad, x, t, a, b, shift, n, err, grad_mask, chunk_bytes):
+    gp = grad_precision or precision
     want_x, want_t, want_a, want_b, want_s = grad_mask
     want_s = want_s and shift is not None
     cdt = compute_dtype(x.dtype)
@@ -203,17 +219,18 @@ def _expand_mse_backward(grad, x, t, a, b, shift, n, err, grad_mask, chunk_bytes
         if err is not None:
             e = err.view(B, 1, C_t, L)
         else:
-            e = _segment_error(xc, t[b0:b1], a, b, n)  # (nb, n, C_t, L)
+            e = _segment_error(xc, t[b0:b1], a, b, n, precision)  # (nb, n, C_t, L)
         nb = b1 - b0
         ef = e.reshape(nb, n * C_t, L)
         if da is not None:
             # 2g applied to xc before the product: E xc^T cannot overflow where the
             # literal's gradient, scaled element by element, does not
-            da += torch.tensordot(ef, xc * g2, dims=([0, 2], [0, 2]))
+            da += products.bilinear(lambda u, v: torch.tensordot(u, v, dims=([0, 2], [0, 2])),
+                                    ef, xc * g2, gp)
         if db is not None:
             db += ef.sum(dim=(0, 2))
         if dx is not None:
-            dx[b0:b1] = torch.matmul(a.transpose(0, 1), ef)
+            dx[b0:b1] = products.mm(a.transpose(0, 1), ef, gp)
         if dt is not None:
             dt[b0:b1] = -e.sum(dim=1)
     empty = x.new_empty((0,), dtype=cdt)
@@ -235,9 +252,9 @@ def expand_error(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Optional[Ten
     (C_s,) or None, g2 0-dim; in the compute dtype (x's dtype when 16-bit). The caller
     bounds its size (batch chunks of the fused step's backward)."""
     cdt = compute_dtype(x.dtype)
-    with gemm_precision(x.device, cdt, precision):
+    with products.float32_flags(x.device, "ieee"):
         bias = b.to(cdt) if shift is None else b.to(cdt) - a.to(cdt) @ shift.to(cdt)
-        y = torch.matmul(a.to(cdt), x.to(cdt)) + bias[:, None]
+    y = products.mm(a.to(cdt), x.to(cdt), precision) + bias[:, None]
     B, C_t, L = t.shape
     e = (y.view(B, n, C_t, L) - t.to(cdt)[:, None]) * g2
     return e.view(B, n * C_t, L).to(x.dtype if x.dtype in (torch.float16, torch.bfloat16)

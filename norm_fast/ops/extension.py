@@ -231,7 +231,9 @@ class KernelSet:
 
     # The extension's GEMMs are ATen's (cuBLAS on CUDA): `gemm_precision` sets their
     # float32 precision, exact for the moments, the plan's for the P-sized products.
-    def moments(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+    # Its moments are exact whatever the plan's "gram" says (float64 sums: at least as
+    # accurate as any planned precision; `precision.ran_in` reports it).
+    def moments(self, x: Tensor, precision: str = "float64") -> Tuple[Tensor, Tensor]:
         ext = checked_module(self.device, self.name, x)
         with gemm_precision(x.device, compute_dtype(x.dtype), "ieee"):
             return tuple(ext.moments(x))
@@ -245,7 +247,7 @@ class KernelSet:
     expansion_backward = staticmethod(eager.expansion_backward)
 
     def moments_backward(self, x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
-                         grad_cov: Optional[Tensor]) -> Tensor:
+                         grad_cov: Optional[Tensor], precision: str = "ieee") -> Tensor:
         ext = checked_module(self.device, self.name, x, mean, grad_mean, grad_cov)
         with gemm_precision(x.device, mean.dtype, "ieee"):
             return ext.moments_backward(x, mean, grad_mean, grad_cov)
@@ -263,9 +265,12 @@ class KernelSet:
     def expand_mse_backward(self, grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
                             shift: Optional[Tensor], n: int, err: Optional[Tensor],
                             grad_mask: List[bool], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                            precision: str = "ieee") -> Tuple[Tensor, ...]:
+                            precision: str = "ieee", grad_precision: Optional[str] = None
+                            ) -> Tuple[Tensor, ...]:
         ext = checked_module(self.device, self.name, x, t, a, b, shift, err)
-        with gemm_precision(x.device, compute_dtype(x.dtype), precision):
+        # one C++ function recomputes and differentiates: the finer of the two precisions
+        fine = "tf32" if precision == (grad_precision or precision) == "tf32" else "ieee"
+        with gemm_precision(x.device, compute_dtype(x.dtype), fine):
             return tuple(ext.expand_mse_backward(grad, x, t, a, b, shift, int(n), err,
                                                  [bool(m) for m in grad_mask],
                                                  int(chunk_bytes)))

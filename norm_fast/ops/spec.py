@@ -38,11 +38,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Input precision of the float32 P-sized products (the ones that replace the literal's 1x1
-# convolutions): "ieee" exact; "tf32" tensor cores, 10-bit mantissa operands; "tf32x3" three
-# TF32 products, about float32 accuracy (Triton's kernels; cuBLAS has none: exact there).
-# CUDA only: on CPU every product is exact. Chosen by `dispatch.resolve_precision`.
-PRECISIONS = ("ieee", "tf32", "tf32x3")
+# The precisions a product can be planned in (`norm_fast/precision.py`, the plan): "ieee"
+# exact float32; "tf32" tensor cores, 10-bit mantissa operands; "tf32x3" three TF32
+# products, about float32 accuracy (Triton's tl.dot; elsewhere split operands,
+# `ops/products.bilinear`); "bfloat16"/"float16" 16-bit operands; "float64".
+PRECISIONS = ("float64", "ieee", "tf32x3", "tf32", "bfloat16", "float16")
 
 
 @contextlib.contextmanager
@@ -57,16 +57,12 @@ def gemm_precision(device: torch.device, dtype: torch.dtype, precision: str):
     the legacy ``allow_tf32`` reads through it and stays readable afterwards. Nothing
     changes for other dtypes or devices.
     """
-    if device.type != "cuda" or dtype != torch.float32:
+    if dtype != torch.float32:
         yield
         return
-    flags = torch.backends.cuda.matmul
-    old = flags.fp32_precision
-    flags.fp32_precision = "tf32" if precision == "tf32" else "ieee"
-    try:
+    from .products import float32_flags   # (products imports this module)
+    with float32_flags(device, precision):
         yield
-    finally:
-        flags.fp32_precision = old
 
 
 def check_store_error(n: int, store_error: bool) -> None:

@@ -45,10 +45,10 @@ class TritonKernels:
         if not ok:
             raise RuntimeError(f"the triton kernel set is unavailable ({why})")
 
-    def moments(self, x):
+    def moments(self, x, precision="float64"):
         self._require()
         from .moments import moments
-        return moments(x)
+        return moments(x, precision)
 
     def expand_mse_forward(self, *args, **kwargs):
         self._require()

@@ -550,7 +550,8 @@ def expand_mse_forward(x: Tensor, t: Tensor, a: Tensor, b: Tensor, shift: Option
 def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor,
                         shift: Optional[Tensor], n: int, err: Optional[Tensor],
                         grad_mask: List[bool], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                        precision: str = "ieee") -> Tuple[Tensor, ...]:
+                        precision: str = "ieee", grad_precision: Optional[str] = None
+                        ) -> Tuple[Tensor, ...]:
     """Gradients of g * expand_mse_forward(...)[0], g = `grad` (0-dim).
 
     grad_mask = [x, t, a, b, shift]. Returns (dx, dt, da, db, dshift): dx (B, C_s, L) in
@@ -580,8 +581,9 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
     the centred student; never n*C_t*P.
 
     `err` (n == 1): the error stored by the forward; then nothing is recomputed.
-    precision: as in `expand_mse_forward`, for the recomputing kernel's products and
-    (float32 on CUDA) the cuBLAS GEMMs too (`gemm_precision`).
+    precision: as in `expand_mse_forward`, for the recomputing kernel's products;
+    grad_precision (default `precision`) for the cuBLAS GEMMs (float32 on CUDA:
+    `gemm_precision`, TF32 for "tf32", IEEE for every other).
     """
     want_x, want_t, want_a, want_b, want_s = grad_mask
     want_s = want_s and shift is not None
@@ -597,7 +599,7 @@ def expand_mse_backward(grad: Tensor, x: Tensor, t: Tensor, a: Tensor, b: Tensor
     gdt = x.dtype if x.dtype in _HALF else cdt
 
     # The two GEMMs below are cuBLAS's: in float32 they follow `precision` too.
-    with gemm_precision(dev, x.dtype, precision):
+    with gemm_precision(dev, x.dtype, grad_precision or precision):
         if err is not None:
             return _backward_from_error(g2, x, t, a_k, shift, err, cdt, gdt,
                                         (want_x, want_t, want_a, want_b, want_s), empty)

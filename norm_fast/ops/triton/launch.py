@@ -30,6 +30,8 @@ from triton.runtime import interpreter as _interp_mod
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from ..spec import PRECISIONS
+
 # The interpreter keeps global builder state: one interpreted launch at a time.
 _INTERPRETER_LOCK = threading.RLock()
 _INTERPRETED: Dict[Callable, InterpretedFunction] = {}
@@ -140,8 +142,6 @@ def tl_dtype(dtype: torch.dtype):
     }[dtype]
 
 
-PRECISIONS = ("ieee", "tf32", "tf32x3")
-
 
 def check_precision(precision: str) -> str:
     """`precision` if it is one of PRECISIONS, else ValueError."""
@@ -162,12 +162,19 @@ def dot_dtypes(in_dtype: torch.dtype, interpreted: bool, precision: str = "ieee"
     The interpreter's ``tl.dot`` misreads bfloat16 operands (it multiplies their raw
     16-bit patterns), so there the operands are rounded to the input dtype and
     multiplied as float32: the same products.
+    Plan precisions beyond tl.dot's (`norm_fast/precision.py`): "float64" multiplies
+    float32 operands exactly ("ieee"); "bfloat16"/"float16" round float32 operands to that
+    dtype and multiply on tensor cores (the interpreter: rounded, multiplied as float32).
     """
     check_precision(precision)
     if in_dtype == torch.float64:
         return tl.float64, tl.float64, "ieee"
+    if in_dtype == torch.float32 and precision in ("bfloat16", "float16"):
+        rnd = tl.bfloat16 if precision == "bfloat16" else tl.float16
+        return (rnd, tl.float32, "ieee") if interpreted else (rnd, rnd, "tf32")
     if in_dtype == torch.float32:
-        return tl.float32, tl.float32, ("ieee" if interpreted else precision)
+        prec = "ieee" if precision == "float64" else precision
+        return tl.float32, tl.float32, ("ieee" if interpreted else prec)
     rnd = tl_dtype(in_dtype)
     if interpreted and in_dtype == torch.bfloat16:
         return rnd, tl.float32, "ieee"

@@ -212,12 +212,14 @@ def _centred_moments_kernel(
         yj = _centred_tile(x_ptr, col[:, None] + cj64[None, :] * sxc, m_pj, o_j[None, :], inv,
                            XDT, CDT)
         if DOT16:
-            # 16-bit xc: its products are exact in float32, so each BLOCK_P slab is
-            # summed on tensor cores in float32 and the slabs in float64. (A float64 dot
-            # of 16-bit values does not compile for sm_90 with Triton 3.6.)
+            # Slabs: each BLOCK_P slab is summed on tensor cores in float32, the slabs in
+            # float64. 16-bit xc: its products are exact in float32 (a float64 dot of
+            # 16-bit values does not compile for sm_90 with Triton 3.6); float32 xc under
+            # the plan's "tf32x3" Gram (PREC): three TF32 products, about float32
+            # accuracy per slab (docs/design.md section 6).
             yi = tl.where(m_ip, yi, tl.zeros_like(yi))
             yj = tl.where(m_pj, yj, tl.zeros_like(yj))
-            acc += tl.dot(yi, yj).to(ACC)
+            acc += tl.dot(yi, yj, input_precision=PREC).to(ACC)
             row_sum += tl.sum(yi.to(ACC), axis=1)
         else:
             yi = tl.where(m_ip, yi.to(ACC), 0.0)
@@ -273,8 +275,10 @@ def _finalize_blocks(C: int, interpreted: bool) -> int:
     return tlaunch.pow2_block(C, 16, 128 if interpreted else 32)
 
 
-def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+def moments(x: Tensor, precision: str = "float64") -> Tuple[Tensor, Tensor]:
     """Mean (C,) and biased covariance (C, C) of x (B, C, L) over its B*L positions.
+    (The composed route's moments: float64 FMA dots whatever `precision` says, at least
+    as accurate as any plan; `norm_fast.precision.ran_in` reports it.)
 
     A mean reduction, then one read of x (any strides) by the shifted kernel (see the
     module docstring);
@@ -321,10 +325,13 @@ def moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     return mean, cov
 
 
-def centred_moments(x: Tensor) -> Tuple[Tensor, ...]:
+def centred_moments(x: Tensor, precision: str = "float64") -> Tuple[Tensor, ...]:
     """See `norm_fast.ops.eager.centred_moments`: (xc, origin, scales, mean, cov) in
     three launches: the channel sums and maxima, the centring moments kernel (which
-    writes xc as it reads x), the reduction of its partials."""
+    writes xc as it reads x), the reduction of its partials. precision (the plan's
+    "gram"): "float64" float64 FMA dots for float32 x; "tf32x3" slabs of BLOCK_P
+    positions in 3xTF32, summed in float64 (16-bit x: exact tensor-core slabs either way;
+    the interpreter multiplies exactly whatever it says)."""
     B, C, L = x.shape
     P = B * L
     cdt = compute_dtype(x.dtype)
@@ -348,6 +355,13 @@ def centred_moments(x: Tensor) -> Tuple[Tensor, ...]:
              BLOCK_P=tlaunch.pow2_block(P, 16, 512 if interpreted else 128)),
         dev, num_warps=4)
     acc = torch.float64
+    # the interpreter's dot misreads 16-bit operands (launch.dot_dtypes) and multiplies
+    # float32 exactly: there the float64 branch
+    half = x.dtype in (torch.float16, torch.bfloat16) and not interpreted
+    slab3 = precision == "tf32x3" and x.dtype == torch.float32 and not interpreted
+    if precision not in ("float64", "tf32x3", "ieee"):
+        raise ValueError(f"the moments kernel's Gram precision must be 'float64' or "
+                         f"'tf32x3', got {precision!r}")
     bi, bj, bp, splits, warps = _blocks(P, C, interpreted)
     if x.dtype == torch.float64 and not interpreted:
         bp = 16  # float64 tiles: 32 positions spill 36 bytes (sm_90, Triton 3.9)
@@ -359,9 +373,8 @@ def centred_moments(x: Tensor) -> Tuple[Tensor, ...]:
         _centred_moments_kernel, (tlaunch.cdiv(C, bi), tlaunch.cdiv(C, bj), splits),
         (x, sums, amax, xc, cov_part, sum_part, L, P, C, span, *x.stride()),
         dict(XDT=tlaunch.tl_dtype(x.dtype), CDT=tlaunch.tl_dtype(cdt),
-             ACC=tlaunch.tl_dtype(acc), PREC="ieee",
-             # the interpreter's dot misreads 16-bit operands (launch.dot_dtypes)
-             DOT16=x.dtype in (torch.float16, torch.bfloat16) and not interpreted,
+             ACC=tlaunch.tl_dtype(acc), PREC="tf32x3" if slab3 else ("tf32" if half else "ieee"),
+             DOT16=(half or slab3),
              BLOCK_I=bi, BLOCK_J=bj, BLOCK_P=bp),
         dev, num_warps=warps)
     bf = _finalize_blocks(C, interpreted)
