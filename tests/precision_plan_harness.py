@@ -137,9 +137,6 @@ def worst(table, policy):
     draws = list(table)
     fl = floor(policy)
     for k, name in enumerate(NAMES):
-        if k == 0 and table[draws[0]][1][0] is not None and \
-                table[draws[0]][0][0] is not None and name == "value":
-            pass
         pairs = [(d, table[d][0][k], table[d][1][k]) for d in draws
                  if table[d][1][k] is not None and table[d][0][k] is not None]
         if not pairs:
